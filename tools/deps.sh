@@ -3,7 +3,7 @@
 # packages already present are not fetched again.
 set -euo pipefail
 PKGS="openmpi-bin libopenmpi-dev libpmix-dev libucx-dev libhdf5-openmpi-dev hdf5-tools
-libopenblas-dev libyaml-dev libcmocka-dev slurm-wlm munge gnuplot-nox python3-h5py
+libopenblas-dev libopenblas-openmp-dev libyaml-dev libcmocka-dev slurm-wlm munge gnuplot-nox python3-h5py
 python3-numpy iproute2 fortunes pkg-config make gcc"
 missing=$(dpkg-query -W -f='${Package} ${Status}\n' $PKGS 2>/dev/null | awk '$4!="installed"{print $1}')
 # dpkg-query prints nothing for packages it has never heard of

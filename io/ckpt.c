@@ -1,0 +1,493 @@
+/* ckpt: parallel HDF5 writer/reader with atomic commit and checksums.
+ *
+ * Follows HDF5's parallel I/O advice: collective metadata reads and writes,
+ * collective raw-data transfers (and a check that they stayed collective),
+ * 1 MiB alignment of large datasets, contiguous layout with early allocation,
+ * and file/memory types that match (little-endian IEEE float32), so no
+ * datatype conversion happens on the write path.
+ */
+#include "io/ckpt.h"
+
+#include "io/fsutil.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <hdf5.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* HDF5 failure: message with file:line, the call and HDF5's own description. */
+typedef struct {
+    char *buf;
+    size_t len;
+} h5_msg;
+
+static herr_t h5_walk(unsigned n, const H5E_error2_t *e, void *data) {
+    h5_msg *m = data;
+    if (n == 0 && e->desc) { /* innermost error: the most specific reason */
+        size_t used = strlen(m->buf);
+        snprintf(m->buf + used, m->len - used, ": %s", e->desc);
+    }
+    return 0;
+}
+
+static int h5_fail(const char *what, const char *file, int line, char *err, size_t len) {
+    snprintf(err, len, "%s:%d: %s failed", file, line, what);
+    h5_msg m = {err, len};
+    H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, h5_walk, &m);
+    H5Eclear2(H5E_DEFAULT);
+    return -1;
+}
+#define H5_CHECK(call) ((call) < 0 ? h5_fail(#call, __FILE__, __LINE__, err, errlen) : 0)
+
+uint64_t ckpt_hash(const float *x, size_t n, uint64_t first) {
+    uint64_t s = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, &x[i], 4);
+        uint64_t z = ((first + i) << 32 ^ bits) + 0x9e3779b97f4a7c15ULL;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        s += z ^ (z >> 31);
+    }
+    return s;
+}
+
+/* Rows [lo, hi) of a tensor that rank r of p owns in the I/O partition. */
+static void io_part(uint64_t rows, int r, int p, uint64_t *lo, uint64_t *hi) {
+    *lo = rows * (uint64_t)r / (uint64_t)p;
+    *hi = rows * (uint64_t)(r + 1) / (uint64_t)p;
+}
+
+static hid_t make_fapl(MPI_Comm comm) {
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    if (fapl < 0) return fapl;
+    if (H5Pset_fapl_mpio(fapl, comm, MPI_INFO_NULL) < 0 ||
+        H5Pset_all_coll_metadata_ops(fapl, 1) < 0 || H5Pset_coll_metadata_write(fapl, 1) < 0 ||
+        H5Pset_alignment(fapl, 64 * 1024, 1024 * 1024) < 0) {
+        H5Pclose(fapl);
+        return -1;
+    }
+    return fapl;
+}
+
+static int attr_write(hid_t obj, const char *name, hid_t ftype, hid_t mtype, int n,
+                      const void *v) {
+    hsize_t dim = (hsize_t)n;
+    hid_t sp = n == 1 ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &dim, NULL);
+    hid_t a = sp < 0 ? -1 : H5Acreate2(obj, name, ftype, sp, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = (a < 0 || H5Awrite(a, mtype, v) < 0) ? -1 : 0;
+    if (a >= 0) H5Aclose(a);
+    if (sp >= 0) H5Sclose(sp);
+    return rc;
+}
+
+static int attr_write_str(hid_t obj, const char *name, const char *s) {
+    hid_t t = H5Tcopy(H5T_C_S1);
+    int rc = -1;
+    if (t >= 0 && H5Tset_size(t, strlen(s) + 1) >= 0 && H5Tset_strpad(t, H5T_STR_NULLTERM) >= 0)
+        rc = attr_write(obj, name, t, t, 1, s);
+    if (t >= 0) H5Tclose(t);
+    return rc;
+}
+
+static int attr_read(hid_t obj, const char *name, hid_t mtype, void *v) {
+    if (H5Aexists(obj, name) <= 0) return -1;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
+    int rc = (a < 0 || H5Aread(a, mtype, v) < 0) ? -1 : 0;
+    if (a >= 0) H5Aclose(a);
+    return rc;
+}
+
+static char *attr_read_str(hid_t obj, const char *name) {
+    if (H5Aexists(obj, name) <= 0) return NULL;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT), ft = a < 0 ? -1 : H5Aget_type(a);
+    char *s = NULL;
+    if (ft >= 0 && H5Tget_class(ft) == H5T_STRING && !H5Tis_variable_str(ft)) {
+        size_t n = H5Tget_size(ft);
+        hid_t mt = H5Tcopy(ft);
+        s = calloc(n + 1, 1);
+        if (s && H5Aread(a, mt, s) < 0) {
+            free(s);
+            s = NULL;
+        }
+        H5Tclose(mt);
+    }
+    if (ft >= 0) H5Tclose(ft);
+    if (a >= 0) H5Aclose(a);
+    return s;
+}
+
+int ckpt_clean_tmp(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    struct dirent *e;
+    int rc = 0;
+    while ((e = readdir(d)) != NULL) {
+        size_t n = strlen(e->d_name);
+        if (strncmp(e->d_name, "step-", 5) == 0 && n > 4 && !strcmp(e->d_name + n - 4, ".tmp")) {
+            char p[4096];
+            snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+            rc |= fs_rm_rf(p);
+        }
+    }
+    closedir(d);
+    return rc;
+}
+
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Keeps the newest keep_last complete step directories. Rank 0 only. */
+static void retain(const char *dir, int keep_last) {
+    if (keep_last <= 0) return;
+    DIR *d = opendir(dir);
+    if (!d) return;
+    char *names[4096];
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL && n < 4096)
+        if (!strncmp(e->d_name, "step-", 5) && !strchr(e->d_name, '.'))
+            names[n++] = strdup(e->d_name);
+    closedir(d);
+    qsort(names, (size_t)n, sizeof *names, cmp_str); /* zero-padded: name order = step order */
+    for (int i = 0; i < n; i++) {
+        if (i < n - keep_last) {
+            char p[4096];
+            snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+            fs_rm_rf(p);
+        }
+        free(names[i]);
+    }
+}
+
+static int write_tensor(hid_t file, hid_t lcpl, hid_t dxpl, const ckpt_tensor *t, MPI_Comm comm,
+                        int *independent, char *err, size_t errlen) {
+    hsize_t dims[2] = {t->rows, t->cols};
+    hid_t sp = -1, d = -1, ms = -1;
+    int rc = -1;
+    if (H5_CHECK(sp = H5Screate_simple(t->ndim, dims, NULL))) goto done;
+    if (H5_CHECK(d = H5Dcreate2(file, t->name, H5T_IEEE_F32LE, sp, lcpl, H5P_DEFAULT,
+                                H5P_DEFAULT)))
+        goto done;
+    hsize_t n = t->nrows * t->cols, start[2] = {t->row0, 0}, count[2] = {t->nrows, t->cols};
+    hsize_t one = n ? n : 1;
+    if (H5_CHECK(ms = H5Screate_simple(1, &one, NULL))) goto done;
+    if (n) {
+        if (H5_CHECK(H5Sselect_hyperslab(sp, H5S_SELECT_SET, start, NULL, count, NULL))) goto done;
+    } else if (H5_CHECK(H5Sselect_none(sp)) || H5_CHECK(H5Sselect_none(ms)))
+        goto done;
+    if (H5_CHECK(H5Dwrite(d, H5T_NATIVE_FLOAT, ms, sp, dxpl, t->data))) goto done;
+    H5D_mpio_actual_io_mode_t mode;
+    if (H5Pget_mpio_actual_io_mode(dxpl, &mode) >= 0 && mode == H5D_MPIO_NO_COLLECTIVE)
+        (*independent)++;
+    uint64_t part = ckpt_hash(t->data, n, t->row0 * t->cols), sum = 0;
+    MPI_Allreduce(&part, &sum, 1, MPI_UINT64_T, MPI_SUM, comm);
+    if (H5_CHECK(attr_write(d, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, 1, &sum))) goto done;
+    rc = 0;
+done:
+    if (ms >= 0) H5Sclose(ms);
+    if (d >= 0) H5Dclose(d);
+    if (sp >= 0) H5Sclose(sp);
+    return rc;
+}
+
+int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
+              const ckpt_meta *meta, int keep_last, char *err, size_t errlen) {
+    int rank, rc = 0, all = 0, independent = 0;
+    MPI_Comm_rank(comm, &rank);
+    char tmp[4096], fin[4096], path[4200];
+    snprintf(tmp, sizeof tmp, "%s/step-%08lld.tmp", dir, meta->step);
+    snprintf(fin, sizeof fin, "%s/step-%08lld", dir, meta->step);
+    snprintf(path, sizeof path, "%s/checkpoint.h5", tmp);
+    err[0] = 0;
+    if (rank == 0) {
+        fs_rm_rf(tmp);
+        if (fs_mkdirs(dir) != 0 || mkdir(tmp, 0755) != 0) {
+            snprintf(err, errlen, "%s: cannot create checkpoint directory: %s", tmp,
+                     strerror(errno));
+            rc = -1;
+        }
+    }
+    MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
+    if (all) return -1;
+
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t fapl = -1, file = -1, lcpl = -1, dxpl = -1;
+    rc = -1;
+    if (H5_CHECK(fapl = make_fapl(comm))) goto close;
+    if (H5_CHECK(file = H5Fcreate(path, H5F_ACC_EXCL, H5P_DEFAULT, fapl))) goto close;
+    if (H5_CHECK(lcpl = H5Pcreate(H5P_LINK_CREATE)) ||
+        H5_CHECK(H5Pset_create_intermediate_group(lcpl, 1)) ||
+        H5_CHECK(dxpl = H5Pcreate(H5P_DATASET_XFER)) ||
+        H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE)))
+        goto close;
+    /* Dataset creation is collective: every rank walks the same list. */
+    for (int i = 0; i < nt; i++)
+        if (write_tensor(file, lcpl, dxpl, &t[i], comm, &independent, err, errlen)) goto close;
+    long long ver = CKPT_FORMAT_VERSION;
+    if (H5_CHECK(attr_write_str(file, "format", CKPT_FORMAT)) ||
+        H5_CHECK(attr_write(file, "format_version", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &ver)) ||
+        H5_CHECK(attr_write(file, "step", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->step)) ||
+        H5_CHECK(attr_write(file, "tokens_seen", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1,
+                            &meta->tokens_seen)) ||
+        H5_CHECK(attr_write(file, "layout", H5T_STD_I32LE, H5T_NATIVE_INT, 3, meta->layout)) ||
+        H5_CHECK(attr_write(file, "optim_t", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->optim_t)) ||
+        H5_CHECK(attr_write(file, "seed", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->seed)) ||
+        H5_CHECK(attr_write_str(file, "config", meta->config ? meta->config : "")))
+        goto close;
+    rc = 0;
+close:
+    if (dxpl >= 0) H5Pclose(dxpl);
+    if (lcpl >= 0) H5Pclose(lcpl);
+    if (file >= 0 && H5Fclose(file) < 0 && rc == 0) rc = h5_fail("H5Fclose", __FILE__, __LINE__, err, errlen);
+    if (fapl >= 0) H5Pclose(fapl);
+    MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
+    if (all == 0 && rank == 0) {
+        /* every rank has closed: make it durable, then publish atomically */
+        char latest[4200], ltmp[4200], name[64];
+        snprintf(latest, sizeof latest, "%s/latest", dir);
+        snprintf(ltmp, sizeof ltmp, "%s/.latest.tmp", dir);
+        snprintf(name, sizeof name, "step-%08lld", meta->step);
+        FILE *f = NULL;
+        fs_rm_rf(fin); /* a same-step directory from an earlier run is replaced */
+        if (fs_fsync_path(path) != 0 || rename(tmp, fin) != 0 || fs_fsync_path(dir) != 0 ||
+            !(f = fopen(ltmp, "w")) || fprintf(f, "%s\n", name) < 0 || fflush(f) != 0 ||
+            fsync(fileno(f)) != 0 || fclose(f) != 0 || (f = NULL, rename(ltmp, latest) != 0) ||
+            fs_fsync_path(dir) != 0) {
+            if (f) fclose(f);
+            snprintf(err, errlen, "%s: cannot commit checkpoint: %s", fin, strerror(errno));
+            rc = -1;
+        } else
+            retain(dir, keep_last);
+        if (independent)
+            fprintf(stderr, "warning: %d checkpoint writes fell back to independent I/O\n",
+                    independent);
+    }
+    if (all != 0 && rank == 0) fs_rm_rf(tmp);
+    MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
+    return all ? -1 : 0;
+}
+
+int ckpt_resolve(const char *path, char *out, size_t outlen, char *err, size_t errlen) {
+    struct stat st;
+    char latest[4200];
+    if (stat(path, &st) != 0) {
+        snprintf(err, errlen, "%s: no such checkpoint: %s", path, strerror(errno));
+        return -1;
+    }
+    if (S_ISREG(st.st_mode)) {
+        snprintf(out, outlen, "%s", path);
+        return 0;
+    }
+    snprintf(latest, sizeof latest, "%s/latest", path);
+    FILE *f = fopen(latest, "r");
+    if (f) {
+        char name[256] = "";
+        int ok = fgets(name, sizeof name, f) != NULL;
+        fclose(f);
+        name[strcspn(name, "\r\n")] = 0;
+        if (!ok || !name[0] || strchr(name, '/')) {
+            snprintf(err, errlen, "%s: malformed (expected a step directory name)", latest);
+            return -1;
+        }
+        snprintf(out, outlen, "%s/%s/checkpoint.h5", path, name);
+        if (stat(out, &st) != 0) {
+            snprintf(err, errlen, "%s points to %s, which does not exist", latest, name);
+            return -1;
+        }
+        return 0;
+    }
+    snprintf(out, outlen, "%s/checkpoint.h5", path);
+    if (stat(out, &st) != 0) {
+        snprintf(err, errlen, "%s: neither a checkpoint step (no checkpoint.h5) nor a checkpoint "
+                              "root (no latest)", path);
+        return -1;
+    }
+    return 0;
+}
+
+static void shape_str(char *b, size_t n, int nd, uint64_t d0, uint64_t d1) {
+    if (nd == 2) snprintf(b, n, "[%llu, %llu]", (unsigned long long)d0, (unsigned long long)d1);
+    else snprintf(b, n, "[%llu]", (unsigned long long)d0);
+}
+
+/* Reads one tensor: partition rows across ranks, read collectively, verify
+ * the checksum over the whole tensor, then redistribute rows to what each
+ * rank asked for (Alltoallv), so every byte leaves the disk once. */
+static int read_tensor(hid_t file, hid_t dxpl, ckpt_tensor *t, MPI_Comm comm, const char *fname,
+                       char *err, size_t errlen) {
+    int rank, p, rc = -1;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &p);
+    hid_t d = -1, sp = -1, ms = -1;
+    float *part = NULL;
+    int *sc = NULL, *sd = NULL, *rcnt = NULL, *rd = NULL;
+    uint64_t *req = NULL;
+    if (H5Lexists(file, t->name, H5P_DEFAULT) <= 0) {
+        snprintf(err, errlen, "%s: dataset /%s is missing", fname, t->name);
+        goto done;
+    }
+    if (H5_CHECK(d = H5Dopen2(file, t->name, H5P_DEFAULT)) || H5_CHECK(sp = H5Dget_space(d)))
+        goto done;
+    hsize_t dims[2] = {0, 1};
+    int nd = H5Sget_simple_extent_ndims(sp);
+    if (nd < 1 || nd > 2 || H5Sget_simple_extent_dims(sp, dims, NULL) < 0 || nd != t->ndim ||
+        dims[0] != t->rows || (nd == 2 && dims[1] != t->cols)) {
+        char have[64], want[64];
+        shape_str(have, sizeof have, nd, dims[0], dims[1]);
+        shape_str(want, sizeof want, t->ndim, t->rows, t->cols);
+        snprintf(err, errlen,
+                 "%s: dataset /%s has shape %s, the model expects %s "
+                 "(checkpoint of a different model shape?)",
+                 fname, t->name, have, want);
+        goto done;
+    }
+    uint64_t lo, hi, cols = t->cols;
+    io_part(t->rows, rank, p, &lo, &hi);
+    hsize_t n = (hi - lo) * cols, one = n ? n : 1, start[2] = {lo, 0}, count[2] = {hi - lo, cols};
+    part = malloc((size_t)one * sizeof(float));
+    if (!part) goto done;
+    if (H5_CHECK(ms = H5Screate_simple(1, &one, NULL))) goto done;
+    if (n) {
+        if (H5_CHECK(H5Sselect_hyperslab(sp, H5S_SELECT_SET, start, NULL, count, NULL))) goto done;
+    } else if (H5_CHECK(H5Sselect_none(sp)) || H5_CHECK(H5Sselect_none(ms)))
+        goto done;
+    if (H5_CHECK(H5Dread(d, H5T_NATIVE_FLOAT, ms, sp, dxpl, part))) goto done;
+    uint64_t want = 0, mine = ckpt_hash(part, (size_t)n, lo * cols), sum = 0;
+    MPI_Allreduce(&mine, &sum, 1, MPI_UINT64_T, MPI_SUM, comm);
+    if (attr_read(d, "checksum", H5T_NATIVE_UINT64, &want) != 0) {
+        snprintf(err, errlen, "%s: dataset /%s has no checksum attribute", fname, t->name);
+        goto done;
+    }
+    if (want != sum) {
+        snprintf(err, errlen, "%s: dataset /%s is corrupt (checksum %016llx, expected %016llx)",
+                 fname, t->name, (unsigned long long)sum, (unsigned long long)want);
+        goto done;
+    }
+    /* redistribute: my partition rows [lo,hi) -> each rank's request */
+    req = malloc(2 * sizeof(uint64_t) * (size_t)p);
+    sc = calloc((size_t)p, sizeof(int));
+    sd = calloc((size_t)p, sizeof(int));
+    rcnt = calloc((size_t)p, sizeof(int));
+    rd = calloc((size_t)p, sizeof(int));
+    if (!req || !sc || !sd || !rcnt || !rd) goto done;
+    uint64_t myreq[2] = {t->row0, t->nrows};
+    MPI_Allgather(myreq, 2, MPI_UINT64_T, req, 2, MPI_UINT64_T, comm);
+    for (int r = 0; r < p; r++) {
+        uint64_t a = req[2 * r] > lo ? req[2 * r] : lo;
+        uint64_t b = req[2 * r] + req[2 * r + 1] < hi ? req[2 * r] + req[2 * r + 1] : hi;
+        uint64_t plo, phi;
+        io_part(t->rows, r, p, &plo, &phi);
+        uint64_t ra = t->row0 > plo ? t->row0 : plo;
+        uint64_t rb = t->row0 + t->nrows < phi ? t->row0 + t->nrows : phi;
+        if ((b > a ? b - a : 0) * cols > (uint64_t)1 << 30 || (rb > ra ? rb - ra : 0) * cols > (uint64_t)1 << 30) {
+            snprintf(err, errlen, "%s: tensor /%s too large for one redistribution", fname, t->name);
+            goto done;
+        }
+        sc[r] = b > a ? (int)((b - a) * cols) : 0;
+        sd[r] = b > a ? (int)((a - lo) * cols) : 0;
+        rcnt[r] = rb > ra ? (int)((rb - ra) * cols) : 0;
+        rd[r] = rb > ra ? (int)((ra - t->row0) * cols) : 0;
+    }
+    MPI_Alltoallv(part, sc, sd, MPI_FLOAT, t->data, rcnt, rd, MPI_FLOAT, comm);
+    rc = 0;
+done:
+    free(req);
+    free(sc);
+    free(sd);
+    free(rcnt);
+    free(rd);
+    free(part);
+    if (ms >= 0) H5Sclose(ms);
+    if (sp >= 0) H5Sclose(sp);
+    if (d >= 0) H5Dclose(d);
+    return rc;
+}
+
+static int read_meta(hid_t file, const char *fname, ckpt_meta *meta, char *err, size_t errlen) {
+    long long ver = 0;
+    char *fmt = attr_read_str(file, "format");
+    int ok = fmt && strcmp(fmt, CKPT_FORMAT) == 0;
+    if (!ok)
+        snprintf(err, errlen, "%s: not an mpilm checkpoint (format attribute is '%s')", fname,
+                 fmt ? fmt : "missing");
+    free(fmt);
+    if (!ok) return -1;
+    if (attr_read(file, "format_version", H5T_NATIVE_LLONG, &ver) != 0 ||
+        ver != CKPT_FORMAT_VERSION) {
+        snprintf(err, errlen, "%s: unsupported checkpoint format_version %lld (this build reads %d)",
+                 fname, ver, CKPT_FORMAT_VERSION);
+        return -1;
+    }
+    if (attr_read(file, "step", H5T_NATIVE_LLONG, &meta->step) ||
+        attr_read(file, "tokens_seen", H5T_NATIVE_LLONG, &meta->tokens_seen) ||
+        attr_read(file, "layout", H5T_NATIVE_INT, meta->layout) ||
+        attr_read(file, "optim_t", H5T_NATIVE_LLONG, &meta->optim_t) ||
+        attr_read(file, "seed", H5T_NATIVE_LLONG, &meta->seed) ||
+        !(meta->config = attr_read_str(file, "config"))) {
+        snprintf(err, errlen, "%s: missing or malformed root attributes", fname);
+        return -1;
+    }
+    return 0;
+}
+
+int ckpt_read_meta(const char *fname, ckpt_meta *meta, char *err, size_t errlen) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    memset(meta, 0, sizeof *meta);
+    hid_t file = H5Fopen(fname, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) {
+        snprintf(err, errlen, "%s: cannot open as HDF5 (truncated or not a checkpoint?)", fname);
+        H5Eclear2(H5E_DEFAULT);
+        return -1;
+    }
+    int rc = read_meta(file, fname, meta, err, errlen);
+    H5Fclose(file);
+    if (rc) {
+        free(meta->config);
+        meta->config = NULL;
+    }
+    return rc;
+}
+
+int ckpt_load(MPI_Comm comm, const char *fname, ckpt_tensor *t, int nt, ckpt_meta *meta,
+              char *err, size_t errlen) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t fapl = -1, file = -1, dxpl = -1;
+    int rc = -1, all;
+    err[0] = 0;
+    memset(meta, 0, sizeof *meta);
+    if (H5_CHECK(fapl = make_fapl(comm))) goto done;
+    if ((file = H5Fopen(fname, H5F_ACC_RDONLY, fapl)) < 0) {
+        h5_fail("H5Fopen", __FILE__, __LINE__, err, errlen);
+        char why[512];
+        snprintf(why, sizeof why, "%s", err);
+        snprintf(err, errlen, "%s: cannot open as HDF5 (truncated or not a checkpoint?) [%s]",
+                 fname, why);
+        goto done;
+    }
+    if (read_meta(file, fname, meta, err, errlen)) goto done;
+    if (H5_CHECK(dxpl = H5Pcreate(H5P_DATASET_XFER)) ||
+        H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE)))
+        goto done;
+    rc = 0;
+    for (int i = 0; i < nt && rc == 0; i++) {
+        int mine = read_tensor(file, dxpl, &t[i], comm, fname, err, errlen);
+        MPI_Allreduce(&mine, &rc, 1, MPI_INT, MPI_MIN, comm);
+    }
+done:
+    if (dxpl >= 0) H5Pclose(dxpl);
+    if (file >= 0) H5Fclose(file);
+    if (fapl >= 0) H5Pclose(fapl);
+    MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
+    if (all) {
+        free(meta->config);
+        meta->config = NULL;
+    }
+    return all ? -1 : 0;
+}
