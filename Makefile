@@ -27,7 +27,7 @@ LDLIBS  += $(if $(PKG_H5),$(shell pkg-config --libs hdf5-openmpi)) \
            -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas -lyaml -lm -fopenmp
 
 LIB_SRC := $(sort $(wildcard src/*.c kernels/cpu/*.c comm/*.c io/*.c bench/*.c))
-LIB_SRC := $(filter-out src/main.c,$(LIB_SRC))
+LIB_SRC := $(filter-out src/main.c $(EXCLUDE),$(LIB_SRC))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
 MPI_SRC  := $(sort $(wildcard tests/mpi/test_*.c))
