@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <hdf5.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -143,8 +144,9 @@ static int cmp_str(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* Keeps the newest keep_last complete step directories. Rank 0 only. */
-static void retain(const char *dir, int keep_last) {
+/* Keeps the newest keep_last complete step directories, and those whose step
+ * is a multiple of keep_every. Rank 0 only. */
+static void retain(const char *dir, int keep_last, int keep_every) {
     if (keep_last <= 0) return;
     DIR *d = opendir(dir);
     if (!d) return;
@@ -157,7 +159,8 @@ static void retain(const char *dir, int keep_last) {
     closedir(d);
     qsort(names, (size_t)n, sizeof *names, cmp_str); /* zero-padded: name order = step order */
     for (int i = 0; i < n; i++) {
-        if (i < n - keep_last) {
+        long long step = atoll(names[i] + 5);
+        if (i < n - keep_last && !(keep_every > 0 && step % keep_every == 0)) {
             char p[4096];
             snprintf(p, sizeof p, "%s/%s", dir, names[i]);
             fs_rm_rf(p);
@@ -198,7 +201,7 @@ done:
 }
 
 int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
-              const ckpt_meta *meta, int keep_last, char *err, size_t errlen) {
+              const ckpt_meta *meta, const ckpt_save_opts *opts, char *err, size_t errlen) {
     int rank, rc = 0, all = 0, independent = 0;
     MPI_Comm_rank(comm, &rank);
     char tmp[4096], fin[4096], path[4200];
@@ -228,8 +231,10 @@ int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
         H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE)))
         goto close;
     /* Dataset creation is collective: every rank walks the same list. */
-    for (int i = 0; i < nt; i++)
+    for (int i = 0; i < nt; i++) {
+        if (opts->fault_rank == rank && opts->fault_after == i) raise(SIGKILL);
         if (write_tensor(file, lcpl, dxpl, &t[i], comm, &independent, err, errlen)) goto close;
+    }
     long long ver = CKPT_FORMAT_VERSION;
     if (H5_CHECK(attr_write_str(file, "format", CKPT_FORMAT)) ||
         H5_CHECK(attr_write(file, "format_version", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &ver)) ||
@@ -264,7 +269,7 @@ close:
             snprintf(err, errlen, "%s: cannot commit checkpoint: %s", fin, strerror(errno));
             rc = -1;
         } else
-            retain(dir, keep_last);
+            retain(dir, opts->keep_last, opts->keep_every);
         if (independent)
             fprintf(stderr, "warning: %d checkpoint writes fell back to independent I/O\n",
                     independent);

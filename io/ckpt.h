@@ -16,6 +16,7 @@
 #include <mpi.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #define CKPT_FORMAT "mpilm-checkpoint"
 #define CKPT_FORMAT_VERSION 1
@@ -38,11 +39,19 @@ typedef struct {
     char *config;       /* resolved YAML; on load malloc'ed, caller frees */
 } ckpt_meta;
 
-/* Collective. Writes DIR/step-%08d (via .tmp), updates DIR/latest and keeps
- * the newest keep_last steps (0 = keep all). Returns 0 or -1 on every rank,
- * with the message in err on the ranks that saw the error. */
+typedef struct {
+    int keep_last;  /* keep the newest N complete steps (0 = all) */
+    int keep_every; /* also keep steps that are multiples of this (0 = none) */
+    /* fault injection for tests: this rank kills itself with SIGKILL after
+     * writing `fault_after` datasets (-1 = never) */
+    int fault_rank, fault_after;
+} ckpt_save_opts;
+
+/* Collective. Writes DIR/step-%08d (via .tmp), updates DIR/latest and
+ * applies the retention policy. Returns 0 or -1 on every rank, with the
+ * message in err on the ranks that saw the error. */
 int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
-              const ckpt_meta *meta, int keep_last, char *err, size_t errlen);
+              const ckpt_meta *meta, const ckpt_save_opts *opts, char *err, size_t errlen);
 
 /* Resolves PATH (a step directory, or a checkpoint root holding `latest`) to
  * the path of its checkpoint.h5. */
@@ -59,6 +68,12 @@ int ckpt_read_meta(const char *file, ckpt_meta *meta, char *err, size_t errlen);
 
 /* Hash of n floats that start at global element index first. */
 uint64_t ckpt_hash(const float *x, size_t n, uint64_t first);
+
+/* Serial checks of a whole file: root attributes, then every dataset's
+ * shape, type and checksum. Prints one line per problem to `out` (and a
+ * table of tensors when verbose); returns the number of problems (0 = ok),
+ * or -1 when the file cannot be opened as a checkpoint. */
+int ckpt_verify(const char *file, FILE *out, int verbose);
 
 /* Removes leftover step-*.tmp directories in DIR (a crashed save). */
 int ckpt_clean_tmp(const char *dir);

@@ -41,13 +41,13 @@ static void free_list(ckpt_tensor *t, int nt) {
 }
 
 int gptio_save(MPI_Comm comm, const char *dir, gpt *g, const optim *o, const ckpt_meta *meta,
-               int keep_last, char *err, size_t errlen) {
+               const ckpt_save_opts *opts, char *err, size_t errlen) {
     int rank, p, nt = 0;
     MPI_Comm_rank(comm, &rank);
     MPI_Comm_size(comm, &p);
     float *bufs[NGROUPS] = {gpt_params(g), o ? o->m : NULL, o ? o->v : NULL};
     ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, rank, p, 1, &nt);
-    int rc = t ? ckpt_save(comm, dir, t, nt, meta, keep_last, err, errlen) : -1;
+    int rc = t ? ckpt_save(comm, dir, t, nt, meta, opts, err, errlen) : -1;
     free_list(t, nt);
     return rc;
 }

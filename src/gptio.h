@@ -12,7 +12,7 @@
 
 /* Collective over comm. */
 int gptio_save(MPI_Comm comm, const char *dir, gpt *g, const optim *o, const ckpt_meta *meta,
-               int keep_last, char *err, size_t errlen);
+               const ckpt_save_opts *opts, char *err, size_t errlen);
 /* Collective; o may be NULL (model only). */
 int gptio_load(MPI_Comm comm, const char *file, gpt *g, optim *o, ckpt_meta *meta, char *err,
                size_t errlen);

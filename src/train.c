@@ -68,8 +68,13 @@ static int save(trainer *t, int step, long long tokens) {
     ckpt_meta m = {.step = step, .tokens_seen = tokens, .layout = {t->dp, 1, 1},
                    .optim_t = t->opt.t, .seed = c->train.seed, .config = yaml};
     double t0 = spmd_now();
-    int rc = gptio_save(t->comm, c->checkpoint.dir, t->g, &t->opt, &m, c->checkpoint.keep_last,
-                        err, sizeof err);
+    ckpt_save_opts so = {c->checkpoint.keep_last, c->checkpoint.keep_every, -1, -1};
+    /* MPILM_FAULT=ckpt_kill:RANK:N kills RANK after N datasets of a save
+     * (fault-injection tests of the atomic commit) */
+    const char *fault = getenv("MPILM_FAULT");
+    if (fault && sscanf(fault, "ckpt_kill:%d:%d", &so.fault_rank, &so.fault_after) != 2)
+        so.fault_rank = so.fault_after = -1;
+    int rc = gptio_save(t->comm, c->checkpoint.dir, t->g, &t->opt, &m, &so, err, sizeof err);
     free(yaml);
     if (spmd_agree(t->comm, rc ? -1 : 0, PROG, err)) return -1;
     if (t->rank == 0)

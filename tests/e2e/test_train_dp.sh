@@ -26,3 +26,14 @@ timeout 300 $MPIRUN -n 2 "$MPILM" train "$TMP/j2b.yaml" >/dev/null 2>&1 || die "
 losses "$TMP/log2b/metrics.jsonl" >"$TMP/loss2b"
 cmp -s "$TMP/loss2" "$TMP/loss2b" || { paste "$TMP/loss2" "$TMP/loss2b"; die "two identical runs differ"; }
 echo "two identical 2-rank runs: bit-identical losses"
+
+# every all-reduce algorithm of comm/ gives the same training (3 ranks: not a power of two)
+for s in mpi ring recursive_doubling rabenseifner tree parameter_server hierarchical; do
+    write_job "$TMP/s.yaml" "$DATA" "$TMP/log-$s" "comm: {strategy: $s}"
+    timeout 300 $MPIRUN -n 3 "$MPILM" train "$TMP/s.yaml" --set train.steps=8 >"$TMP/out-$s" 2>&1 || { cat "$TMP/out-$s"; die "strategy $s failed"; }
+    losses "$TMP/log-$s/metrics.jsonl" >"$TMP/loss-$s"
+    d=$(max_rel_diff "$TMP/loss-$s" "$TMP/loss-mpi")
+    echo "comm.strategy=$s at 3 ranks vs mpi: max relative loss difference $d"
+    $PY -c "import sys; sys.exit(0 if $d < 1e-5 else 1)" || die "strategy $s differs by $d"
+    grep -q "\"algorithm\": \"$s\"" "$TMP/log-$s/metrics.jsonl" || die "metrics do not name algorithm $s"
+done
