@@ -43,3 +43,45 @@ plot "< grep -v Prescott $OUT/gemm.dat | awk -F, '!seen[\$2]++'" using 3:xtic(2)
 GP
     echo "plot: $OUT/gemm.png"
 fi
+
+echo
+echo "== ckpt: checkpoint save/load GB/s (io/ckpt) vs raw disk bandwidth of the same directory, 1, 2, 4 ranks"
+rm -f "$OUT/ckpt.csv"
+for n in 1 2 4; do
+    OMP_NUM_THREADS=1 $MPIRUN -n $n $MPILM bench ckpt --reps ${CKPT_REPS:-3} \
+        --size-mb ${CKPT_MB:-1024} ${CKPT_DIR:+--dir "$CKPT_DIR"} --csv "$OUT/ckpt.csv"
+done
+if command -v gnuplot >/dev/null; then
+    # one row per disk-bound method (checksum and warm-cache rows: see the table), one
+    # column of GB/s per rank count ("-" where not measured)
+    for set in small synth; do
+        awk -F, -v set="$set" 'NR > 1 { g[$1 "," $2] = $5 }
+            END { n = split("raw_write raw_write_n mpiio_write ckpt_save fpr_vds_save raw_read " \
+                            "raw_read_n mpiio_read ckpt_load ckpt_load_repl fpr_vds_load", m, " ")
+                  for (i = 1; i <= n; i++) {
+                      line = m[i]; any = 0
+                      for (r = 1; r <= 4; r *= 2) {
+                          k = set "." m[i] "," r; any += (k in g); line = line " " ((k in g) ? g[k] : "-") }
+                      if (any) print line } }' "$OUT/ckpt.csv" >"$OUT/ckpt-$set.dat"
+    done
+    gnuplot <<GP
+set terminal pngcairo size 1200,900
+set output "$OUT/ckpt.png"
+set datafile missing "-"
+set style data histograms
+set style histogram clustered
+set style fill solid 0.8
+set xtics rotate by -30 noenhanced
+set ylabel "GB/s (1e9 B/s), median"
+set grid ytics
+set yrange [0:*]
+set key top right
+set multiplot layout 2,1
+set title "checkpoint of jobs/small.yaml model + AdamW m, v: save/load vs raw disk, by ranks"
+plot for [c=2:4] "$OUT/ckpt-small.dat" using c:xtic(1) title sprintf("%d rank%s", 2**(c-2), c>2?"s":"")
+set title "synthetic ${CKPT_MB:-1024} MB checkpoint (2..100 MB tensors): save/load vs raw disk, by ranks"
+plot for [c=2:4] "$OUT/ckpt-synth.dat" using c:xtic(1) title sprintf("%d rank%s", 2**(c-2), c>2?"s":"")
+unset multiplot
+GP
+    echo "plot: $OUT/ckpt.png"
+fi
