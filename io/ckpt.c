@@ -14,11 +14,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <hdf5.h>
+#include <pthread.h>
+#include <time.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 /* HDF5 failure: message with file:line, the call and HDF5's own description. */
@@ -169,30 +172,40 @@ static void retain(const char *dir, int keep_last, int keep_every) {
     }
 }
 
+/* Collective: -1 on every rank if rc failed on any. A rank that saw no error
+ * itself says so in err, so each rank has a message. */
+static int agree(MPI_Comm comm, int rc, char *err, size_t errlen) {
+    int bad = rc != 0, any = 0;
+    MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, comm);
+    if (any && !bad) snprintf(err, errlen, "another rank failed writing the checkpoint");
+    return any ? -1 : 0;
+}
+
+/* Collective. Every phase ends in agreement, so a rank that fails (a full
+ * disk, say) never leaves the others waiting in the next collective call. */
 static int write_tensor(hid_t file, hid_t lcpl, hid_t dxpl, const ckpt_tensor *t, MPI_Comm comm,
                         int *independent, char *err, size_t errlen) {
     hsize_t dims[2] = {t->rows, t->cols};
     hid_t sp = -1, d = -1, ms = -1;
     int rc = -1;
-    if (H5_CHECK(sp = H5Screate_simple(t->ndim, dims, NULL))) goto done;
-    if (H5_CHECK(d = H5Dcreate2(file, t->name, H5T_IEEE_F32LE, sp, lcpl, H5P_DEFAULT,
-                                H5P_DEFAULT)))
-        goto done;
     hsize_t n = t->nrows * t->cols, start[2] = {t->row0, 0}, count[2] = {t->nrows, t->cols};
     hsize_t one = n ? n : 1;
-    if (H5_CHECK(ms = H5Screate_simple(1, &one, NULL))) goto done;
-    if (n) {
-        if (H5_CHECK(H5Sselect_hyperslab(sp, H5S_SELECT_SET, start, NULL, count, NULL))) goto done;
-    } else if (H5_CHECK(H5Sselect_none(sp)) || H5_CHECK(H5Sselect_none(ms)))
-        goto done;
-    if (H5_CHECK(H5Dwrite(d, H5T_NATIVE_FLOAT, ms, sp, dxpl, t->data))) goto done;
+    int ok = !H5_CHECK(sp = H5Screate_simple(t->ndim, dims, NULL)) &&
+             !H5_CHECK(d = H5Dcreate2(file, t->name, H5T_IEEE_F32LE, sp, lcpl, H5P_DEFAULT,
+                                      H5P_DEFAULT)) &&
+             !H5_CHECK(ms = H5Screate_simple(1, &one, NULL));
+    if (ok && n) ok = !H5_CHECK(H5Sselect_hyperslab(sp, H5S_SELECT_SET, start, NULL, count, NULL));
+    else if (ok) ok = !H5_CHECK(H5Sselect_none(sp)) && !H5_CHECK(H5Sselect_none(ms));
+    if (agree(comm, !ok, err, errlen)) goto done;
+    ok = !H5_CHECK(H5Dwrite(d, H5T_NATIVE_FLOAT, ms, sp, dxpl, t->data));
+    if (agree(comm, !ok, err, errlen)) goto done;
     H5D_mpio_actual_io_mode_t mode;
     if (H5Pget_mpio_actual_io_mode(dxpl, &mode) >= 0 && mode == H5D_MPIO_NO_COLLECTIVE)
         (*independent)++;
     uint64_t part = ckpt_hash(t->data, n, t->row0 * t->cols), sum = 0;
     MPI_Allreduce(&part, &sum, 1, MPI_UINT64_T, MPI_SUM, comm);
-    if (H5_CHECK(attr_write(d, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, 1, &sum))) goto done;
-    rc = 0;
+    ok = !H5_CHECK(attr_write(d, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, 1, &sum));
+    rc = agree(comm, !ok, err, errlen);
 done:
     if (ms >= 0) H5Sclose(ms);
     if (d >= 0) H5Dclose(d);
@@ -209,11 +222,22 @@ int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
     snprintf(fin, sizeof fin, "%s/step-%08lld", dir, meta->step);
     snprintf(path, sizeof path, "%s/checkpoint.h5", tmp);
     err[0] = 0;
+    double need = 64.0 * 1024; /* data plus HDF5 metadata (measured: < 1 KiB a dataset) */
+    for (int i = 0; i < nt; i++) need += (double)t[i].rows * t[i].cols * 4 + 1024;
     if (rank == 0) {
         fs_rm_rf(tmp);
+        struct statvfs vfs;
         if (fs_mkdirs(dir) != 0 || mkdir(tmp, 0755) != 0) {
             snprintf(err, errlen, "%s: cannot create checkpoint directory: %s", tmp,
                      strerror(errno));
+            rc = -1;
+        } else if (statvfs(tmp, &vfs) == 0 && (double)vfs.f_bavail * vfs.f_frsize < need) {
+            /* HDF5 cannot recover from a failed collective write, so a full
+             * disk is refused before the file is created */
+            snprintf(err, errlen, "%s: not enough free space for the checkpoint (%.1f MiB needed, "
+                                  "%.1f MiB free)", tmp, need / 1048576.0,
+                     (double)vfs.f_bavail * vfs.f_frsize / 1048576.0);
+            fs_rm_rf(tmp);
             rc = -1;
         }
     }
@@ -224,7 +248,10 @@ int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
     hid_t fapl = -1, file = -1, lcpl = -1, dxpl = -1;
     rc = -1;
     if (H5_CHECK(fapl = make_fapl(comm))) goto close;
-    if (H5_CHECK(file = H5Fcreate(path, H5F_ACC_EXCL, H5P_DEFAULT, fapl))) goto close;
+    file = H5Fcreate(path, H5F_ACC_EXCL, H5P_DEFAULT, fapl);
+    if (agree(comm, file < 0 ? h5_fail("H5Fcreate", __FILE__, __LINE__, err, errlen) : 0, err,
+              errlen))
+        goto close;
     if (H5_CHECK(lcpl = H5Pcreate(H5P_LINK_CREATE)) ||
         H5_CHECK(H5Pset_create_intermediate_group(lcpl, 1)) ||
         H5_CHECK(dxpl = H5Pcreate(H5P_DATASET_XFER)) ||
@@ -233,10 +260,15 @@ int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
     /* Dataset creation is collective: every rank walks the same list. */
     for (int i = 0; i < nt; i++) {
         if (opts->fault_rank == rank && opts->fault_after == i) raise(SIGKILL);
-        if (write_tensor(file, lcpl, dxpl, &t[i], comm, &independent, err, errlen)) goto close;
+        if (write_tensor(file, lcpl, dxpl, &t[i], comm, &independent, err, errlen)) {
+            char why[1024];
+            snprintf(why, sizeof why, "%s", err);
+            snprintf(err, errlen, "%s: dataset /%s: %s", path, t[i].name, why);
+            goto close;
+        }
     }
     long long ver = CKPT_FORMAT_VERSION;
-    if (H5_CHECK(attr_write_str(file, "format", CKPT_FORMAT)) ||
+    int bad = H5_CHECK(attr_write_str(file, "format", CKPT_FORMAT)) ||
         H5_CHECK(attr_write(file, "format_version", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &ver)) ||
         H5_CHECK(attr_write(file, "step", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->step)) ||
         H5_CHECK(attr_write(file, "tokens_seen", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1,
@@ -244,13 +276,30 @@ int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
         H5_CHECK(attr_write(file, "layout", H5T_STD_I32LE, H5T_NATIVE_INT, 3, meta->layout)) ||
         H5_CHECK(attr_write(file, "optim_t", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->optim_t)) ||
         H5_CHECK(attr_write(file, "seed", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->seed)) ||
-        H5_CHECK(attr_write_str(file, "config", meta->config ? meta->config : "")))
-        goto close;
+        H5_CHECK(attr_write_str(file, "config", meta->config ? meta->config : ""));
+    if (agree(comm, bad, err, errlen)) goto close;
     rc = 0;
 close:
     if (dxpl >= 0) H5Pclose(dxpl);
     if (lcpl >= 0) H5Pclose(lcpl);
+    if (rc && file >= 0) {
+        /* A failed collective write leaves HDF5's metadata cache out of step
+         * between ranks and H5Fclose would hang: leave the file open, remove
+         * the partial step, and tell the caller to abort the job. */
+        if (rank == 0) fs_rm_rf(tmp);
+        if (!strstr(err, path)) {
+            char why[1024];
+            snprintf(why, sizeof why, "%s", err);
+            snprintf(err, errlen, "%s: %s", path, why);
+        }
+        return CKPT_ERR_FATAL;
+    }
     if (file >= 0 && H5Fclose(file) < 0 && rc == 0) rc = h5_fail("H5Fclose", __FILE__, __LINE__, err, errlen);
+    if (rc && !strstr(err, path)) { /* name the file in every message */
+        char why[1024];
+        snprintf(why, sizeof why, "%s", err);
+        snprintf(err, errlen, "%s: %s", path, why);
+    }
     if (fapl >= 0) H5Pclose(fapl);
     MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
     if (all == 0 && rank == 0) {
@@ -495,4 +544,234 @@ done:
         meta->config = NULL;
     }
     return all ? -1 : 0;
+}
+
+typedef struct {
+    FILE *out;
+    int verbose, problems, datasets;
+    const char *fname;
+    double bytes;
+} verify_ctx;
+
+static herr_t verify_one(hid_t file, const char *name, const H5L_info_t *li, void *data) {
+    verify_ctx *v = data;
+    H5O_info_t oi;
+    (void)li;
+    if (H5Oget_info_by_name(file, name, &oi, H5P_DEFAULT) < 0 || oi.type != H5O_TYPE_DATASET)
+        return 0;
+    v->datasets++;
+    hid_t d = H5Dopen2(file, name, H5P_DEFAULT), sp = -1, ty = -1;
+    float *buf = NULL;
+    hsize_t dims[2] = {0, 1};
+    int nd = 0;
+    const char *problem = NULL;
+    uint64_t want = 0, have = 0;
+    if (d < 0 || (sp = H5Dget_space(d)) < 0 || (ty = H5Dget_type(d)) < 0) problem = "unreadable";
+    else if (H5Tequal(ty, H5T_IEEE_F32LE) <= 0) problem = "not float32 little-endian";
+    else if ((nd = H5Sget_simple_extent_ndims(sp)) < 1 || nd > 2 ||
+             H5Sget_simple_extent_dims(sp, dims, NULL) < 0)
+        problem = "not a 1-D or 2-D tensor";
+    else if (attr_read(d, "checksum", H5T_NATIVE_UINT64, &want) != 0) problem = "no checksum attribute";
+    else {
+        size_t n = (size_t)(dims[0] * (nd == 2 ? dims[1] : 1));
+        buf = malloc((n ? n : 1) * sizeof(float));
+        if (!buf || H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0)
+            problem = "data unreadable (truncated file?)";
+        else if ((have = ckpt_hash(buf, n, 0)) != want)
+            problem = "checksum mismatch (corrupt data)";
+        v->bytes += (double)n * 4;
+    }
+    char shape[64];
+    shape_str(shape, sizeof shape, nd, dims[0], dims[1]);
+    if (problem) {
+        v->problems++;
+        fprintf(v->out, "%s: dataset /%s: %s\n", v->fname, name, problem);
+    } else if (v->verbose)
+        fprintf(v->out, "  %-36s %-14s %10.3f MiB  checksum %016llx ok\n", name, shape,
+                (double)dims[0] * (nd == 2 ? dims[1] : 1) * 4 / 1048576.0, (unsigned long long)want);
+    free(buf);
+    if (ty >= 0) H5Tclose(ty);
+    if (sp >= 0) H5Sclose(sp);
+    if (d >= 0) H5Dclose(d);
+    H5Eclear2(H5E_DEFAULT);
+    return 0;
+}
+
+int ckpt_verify(const char *fname, FILE *out, int verbose) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    ckpt_meta m;
+    char err[1024];
+    if (ckpt_read_meta(fname, &m, err, sizeof err) != 0) {
+        fprintf(out, "%s\n", err);
+        return -1;
+    }
+    free(m.config);
+    hid_t file = H5Fopen(fname, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) return -1;
+    verify_ctx v = {out, verbose, 0, 0, fname, 0};
+    if (H5Lvisit(file, H5_INDEX_NAME, H5_ITER_INC, verify_one, &v) < 0) {
+        fprintf(out, "%s: cannot walk the file's groups (corrupt metadata?)\n", fname);
+        v.problems++;
+    }
+    H5Fclose(file);
+    if (v.datasets == 0) {
+        fprintf(out, "%s: no tensors\n", fname);
+        v.problems++;
+    }
+    if (verbose)
+        fprintf(out, "%d datasets, %.1f MiB, %d problem(s)\n", v.datasets, v.bytes / 1048576.0,
+                v.problems);
+    return v.problems;
+}
+
+int ckpt_check_shapes(const char *fname, const ckpt_tensor *t, int nt, FILE *out) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t file = H5Fopen(fname, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) {
+        fprintf(out, "%s: cannot open as HDF5\n", fname);
+        return -1;
+    }
+    int problems = 0;
+    for (int i = 0; i < nt; i++) {
+        hsize_t dims[2] = {0, 1};
+        int nd = -1;
+        if (H5Lexists(file, t[i].name, H5P_DEFAULT) > 0) {
+            hid_t d = H5Dopen2(file, t[i].name, H5P_DEFAULT), sp = d < 0 ? -1 : H5Dget_space(d);
+            if (sp >= 0) nd = H5Sget_simple_extent_ndims(sp);
+            if (sp >= 0 && (nd < 1 || nd > 2 || H5Sget_simple_extent_dims(sp, dims, NULL) < 0))
+                nd = 0;
+            if (sp >= 0) H5Sclose(sp);
+            if (d >= 0) H5Dclose(d);
+        }
+        char have[64], want[64];
+        shape_str(want, sizeof want, t[i].ndim, t[i].rows, t[i].cols);
+        if (nd < 0) {
+            fprintf(out, "%s: dataset /%s is missing (expected %s)\n", fname, t[i].name, want);
+            problems++;
+        } else if (nd != t[i].ndim || dims[0] != t[i].rows || (nd == 2 && dims[1] != t[i].cols)) {
+            shape_str(have, sizeof have, nd, dims[0], dims[1]);
+            fprintf(out, "%s: dataset /%s has shape %s, the model expects %s\n", fname, t[i].name,
+                    have, want);
+            problems++;
+        }
+    }
+    H5Eclear2(H5E_DEFAULT);
+    H5Fclose(file);
+    return problems;
+}
+
+/* ---- asynchronous save --------------------------------------------------- */
+
+struct ckpt_async {
+    MPI_Comm comm; /* private duplicate: the writer thread's collectives */
+    pthread_t thread;
+    int running, rc;
+    double seconds;
+    char dir[4096], err[1024];
+    float *snap; /* this rank's rows of all tensors, back to back */
+    size_t cap;
+    ckpt_tensor *t; /* copies of the descriptors, data pointing into snap */
+    char **names;
+    int nt;
+    ckpt_meta meta;
+    ckpt_save_opts opts;
+};
+
+int ckpt_async_create(MPI_Comm comm, ckpt_async **out) {
+    ckpt_async *a = calloc(1, sizeof *a);
+    if (!a || MPI_Comm_dup(comm, &a->comm) != MPI_SUCCESS) {
+        free(a);
+        return -1;
+    }
+    *out = a;
+    return 0;
+}
+
+static void async_release(ckpt_async *a) {
+    for (int i = 0; a->names && i < a->nt; i++) free(a->names[i]);
+    free(a->names);
+    free(a->t);
+    free(a->meta.config);
+    a->names = NULL;
+    a->t = NULL;
+    a->meta.config = NULL;
+    a->nt = 0;
+}
+
+static void *async_main(void *arg) {
+    ckpt_async *a = arg;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    a->rc = ckpt_save(a->comm, a->dir, a->t, a->nt, &a->meta, &a->opts, a->err, sizeof a->err);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    a->seconds = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    return NULL;
+}
+
+int ckpt_async_wait(ckpt_async *a, double *seconds, char *err, size_t errlen) {
+    if (!a || !a->running) return 0;
+    pthread_join(a->thread, NULL);
+    a->running = 0;
+    if (seconds) *seconds = a->seconds;
+    if (a->rc) snprintf(err, errlen, "%s", a->err);
+    async_release(a);
+    return a->rc;
+}
+
+int ckpt_async_start(ckpt_async *a, const char *dir, const ckpt_tensor *t, int nt,
+                     const ckpt_meta *meta, const ckpt_save_opts *opts) {
+    char err[1024];
+    if (ckpt_async_wait(a, NULL, err, sizeof err)) fprintf(stderr, "%s\n", err);
+    size_t total = 0;
+    for (int i = 0; i < nt; i++) total += t[i].nrows * t[i].cols;
+    int ok = 1;
+    if (total > a->cap) {
+        free(a->snap);
+        a->snap = malloc(total * sizeof(float));
+        a->cap = a->snap ? total : 0;
+        ok = a->snap != NULL;
+    }
+    size_t n = nt > 0 ? (size_t)nt : 1;
+    a->t = calloc(n, sizeof *a->t);
+    a->names = calloc(n, sizeof *a->names);
+    a->meta = *meta;
+    a->meta.config = meta->config ? strdup(meta->config) : NULL;
+    ok = ok && a->t && a->names;
+    size_t off = 0;
+    for (int i = 0; ok && i < nt; i++) {
+        a->t[i] = t[i];
+        a->names[i] = strdup(t[i].name);
+        a->t[i].name = a->names[i];
+        a->t[i].data = a->snap + off;
+        memcpy(a->t[i].data, t[i].data, t[i].nrows * t[i].cols * sizeof(float));
+        off += t[i].nrows * t[i].cols;
+    }
+    a->nt = nt;
+    /* every rank must start the thread, or the others' collectives would hang */
+    int all = 0, mine = ok ? 0 : 1;
+    MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MAX, a->comm);
+    if (all) {
+        async_release(a);
+        return -1;
+    }
+    snprintf(a->dir, sizeof a->dir, "%s", dir);
+    a->opts = *opts;
+    a->rc = 0;
+    if (pthread_create(&a->thread, NULL, async_main, a) != 0) {
+        /* cannot start the writer: write synchronously instead */
+        a->rc = ckpt_save(a->comm, a->dir, a->t, a->nt, &a->meta, &a->opts, a->err, sizeof a->err);
+        return a->rc;
+    }
+    a->running = 1;
+    return 0;
+}
+
+void ckpt_async_destroy(ckpt_async *a) {
+    if (!a) return;
+    char err[1024];
+    ckpt_async_wait(a, NULL, err, sizeof err);
+    async_release(a);
+    free(a->snap);
+    MPI_Comm_free(&a->comm);
+    free(a);
 }

@@ -20,6 +20,10 @@
 
 #define CKPT_FORMAT "mpilm-checkpoint"
 #define CKPT_FORMAT_VERSION 1
+/* ckpt_save failed after the file was created (I/O error mid-write): the
+ * previous checkpoint is intact, but HDF5 cannot shut down cleanly, so the
+ * caller must end the job (MPI_Abort) after reporting. */
+#define CKPT_ERR_FATAL (-2)
 
 /* A tensor of global shape (rows, cols) (cols = 1 for 1-D); this rank holds
  * rows [row0, row0 + nrows) contiguously at data. */
@@ -48,10 +52,26 @@ typedef struct {
 } ckpt_save_opts;
 
 /* Collective. Writes DIR/step-%08d (via .tmp), updates DIR/latest and
- * applies the retention policy. Returns 0 or -1 on every rank, with the
- * message in err on the ranks that saw the error. */
+ * applies the retention policy. Returns 0, -1 or CKPT_ERR_FATAL on every
+ * rank, with a message in err. Refuses to start when the file system has
+ * less free space than the checkpoint needs. */
 int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
               const ckpt_meta *meta, const ckpt_save_opts *opts, char *err, size_t errlen);
+
+/* Asynchronous save: ckpt_async_start copies this rank's rows of every
+ * tensor into a host buffer (the only time training is blocked) and a
+ * background thread runs ckpt_save on its own duplicate of the communicator,
+ * so it cannot be confused with the training collectives. Needs
+ * MPI_THREAD_MULTIPLE. One save at a time: start waits for the previous. */
+typedef struct ckpt_async ckpt_async;
+int ckpt_async_create(MPI_Comm comm, ckpt_async **out); /* collective */
+/* Collective (all ranks start the same save). */
+int ckpt_async_start(ckpt_async *a, const char *dir, const ckpt_tensor *t, int nt,
+                     const ckpt_meta *meta, const ckpt_save_opts *opts);
+/* Waits for the running save (no-op when none); returns its status (the same
+ * on every rank) and its message in err. *seconds gets its duration. */
+int ckpt_async_wait(ckpt_async *a, double *seconds, char *err, size_t errlen);
+void ckpt_async_destroy(ckpt_async *a); /* waits, then frees; NULL-safe */
 
 /* Resolves PATH (a step directory, or a checkpoint root holding `latest`) to
  * the path of its checkpoint.h5. */
@@ -74,6 +94,10 @@ uint64_t ckpt_hash(const float *x, size_t n, uint64_t first);
  * table of tensors when verbose); returns the number of problems (0 = ok),
  * or -1 when the file cannot be opened as a checkpoint. */
 int ckpt_verify(const char *file, FILE *out, int verbose);
+
+/* Serial: checks that every tensor t[i].name exists with shape (rows, cols);
+ * prints one line per problem, returns their number (-1: cannot open). */
+int ckpt_check_shapes(const char *file, const ckpt_tensor *t, int nt, FILE *out);
 
 /* Removes leftover step-*.tmp directories in DIR (a crashed save). */
 int ckpt_clean_tmp(const char *dir);

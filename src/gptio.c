@@ -10,6 +10,8 @@
 #define NGROUPS 3
 static const char *const groups[NGROUPS] = {"model", "optim/adam_m", "optim/adam_v"};
 
+static void free_list(ckpt_tensor *t, int nt);
+
 /* Fills t[] for ngroups buffers; each rank holds everything and takes rows
  * [R*r/p, R*(r+1)/p) when `shard`, all rows otherwise. Names are malloc'ed. */
 static ckpt_tensor *tensor_list(gpt *g, float *const *bufs, int ngroups, int rank, int p,
@@ -35,6 +37,13 @@ static ckpt_tensor *tensor_list(gpt *g, float *const *bufs, int ngroups, int ran
     return t;
 }
 
+ckpt_tensor *gptio_tensor_list(gpt *g, int with_optim, int *nt) {
+    float *bufs[NGROUPS] = {gpt_params(g), gpt_params(g), gpt_params(g)};
+    return tensor_list(g, bufs, with_optim ? NGROUPS : 1, 0, 1, 0, nt);
+}
+
+void gptio_free_list(ckpt_tensor *t, int nt) { free_list(t, nt); }
+
 static void free_list(ckpt_tensor *t, int nt) {
     for (int i = 0; t && i < nt; i++) free((char *)t[i].name);
     free(t);
@@ -48,6 +57,18 @@ int gptio_save(MPI_Comm comm, const char *dir, gpt *g, const optim *o, const ckp
     float *bufs[NGROUPS] = {gpt_params(g), o ? o->m : NULL, o ? o->v : NULL};
     ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, rank, p, 1, &nt);
     int rc = t ? ckpt_save(comm, dir, t, nt, meta, opts, err, errlen) : -1;
+    free_list(t, nt);
+    return rc;
+}
+
+int gptio_save_async(MPI_Comm comm, ckpt_async *a, const char *dir, gpt *g, const optim *o,
+                     const ckpt_meta *meta, const ckpt_save_opts *opts) {
+    int rank, p, nt = 0;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &p);
+    float *bufs[NGROUPS] = {gpt_params(g), o ? o->m : NULL, o ? o->v : NULL};
+    ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, rank, p, 1, &nt);
+    int rc = ckpt_async_start(a, dir, t, t ? nt : 0, meta, opts);
     free_list(t, nt);
     return rc;
 }

@@ -13,6 +13,10 @@
 /* Collective over comm. */
 int gptio_save(MPI_Comm comm, const char *dir, gpt *g, const optim *o, const ckpt_meta *meta,
                const ckpt_save_opts *opts, char *err, size_t errlen);
+/* Collective: the same, written in the background by `a` (see io/ckpt.h);
+ * returns once this rank's shard is copied. */
+int gptio_save_async(MPI_Comm comm, ckpt_async *a, const char *dir, gpt *g, const optim *o,
+                     const ckpt_meta *meta, const ckpt_save_opts *opts);
 /* Collective; o may be NULL (model only). */
 int gptio_load(MPI_Comm comm, const char *file, gpt *g, optim *o, ckpt_meta *meta, char *err,
                size_t errlen);
@@ -20,5 +24,10 @@ int gptio_load(MPI_Comm comm, const char *file, gpt *g, optim *o, ckpt_meta *met
  * describes and loads the weights. */
 int gptio_open(MPI_Comm comm, const char *path, gpt **g, ckpt_meta *meta, char *err,
                size_t errlen);
+
+/* Serial: the tensors of g (model and AdamW state) that a checkpoint must
+ * hold, as a list for ckpt_check_shapes; free with gptio_free_list. */
+ckpt_tensor *gptio_tensor_list(gpt *g, int with_optim, int *nt);
+void gptio_free_list(ckpt_tensor *t, int nt);
 
 #endif

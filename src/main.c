@@ -4,6 +4,7 @@
  */
 #include "bench/bench.h"
 #include "kernels/kern.h"
+#include "src/ckpt_cmd.h"
 #include "src/data.h"
 #include "src/eval.h"
 #include "src/train.h"
@@ -29,7 +30,8 @@ static void usage(FILE *f) {
             "  data prepare --input PATH... --out DIR   byte-tokenize text into token files\n"
             "  train JOB.yaml [--set key=value ...]     train (data parallel over ranks)\n"
             "  eval --ckpt CKPT --data DIR [...]        validation loss and perplexity\n"
-            "  bench gemm|train [options]               benchmarks (CSV with --csv)\n\n"
+            "  ckpt ls|latest|verify|inspect PATH       checkpoint tools\n"
+            "  bench gemm|train|ckpt [options]          benchmarks (CSV with --csv)\n\n"
             "Every command has --help. Environment: OMP_NUM_THREADS (threads per rank),\n"
             "MPILM_BLAS_FIX=auto|off|force (replace a misdetected OpenBLAS kernel).\n",
             MPILM_VERSION);
@@ -68,6 +70,7 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "data")) return data_prepare_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "ckpt")) return ckpt_cmd_main(argc - 1, argv + 1);
     int known = !strcmp(cmd, "train") || !strcmp(cmd, "eval") || !strcmp(cmd, "bench");
     if (!known) {
         fprintf(stderr, "mpilm: unknown command '%s' (see mpilm --help)\n", cmd);
@@ -76,7 +79,9 @@ int main(int argc, char **argv) {
     fix_blas(argv);
 
     int provided, rc;
-    MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+    /* MULTIPLE: the background checkpoint writer runs collectives on its
+     * own communicator while training continues */
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
     struct sigaction sa = {.sa_handler = on_stop};
     sigemptyset(&sa.sa_mask);
     sigaction(SIGUSR1, &sa, NULL);

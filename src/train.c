@@ -32,6 +32,7 @@ typedef struct {
     int *inp, *tgt;
     metrics met;
     int have_met;
+    ckpt_async *async; /* background checkpoint writer (checkpoint.async) */
 } trainer;
 
 static void fmt_eta(char *b, size_t n, double s) {
@@ -61,24 +62,51 @@ static double evaluate(trainer *t) {
     return all / ((double)c->train.eval_batches * B * T);
 }
 
+/* Waits for a background save; reports it. Collective. */
+static int save_wait(trainer *t) {
+    char err[1024] = "";
+    double secs = 0;
+    int rc = ckpt_async_wait(t->async, &secs, err, sizeof err);
+    if (spmd_agree(t->comm, rc, PROG, err)) {
+        if (rc == CKPT_ERR_FATAL) MPI_Abort(t->comm, 1); /* see io/ckpt.h */
+        return -1;
+    }
+    if (t->rank == 0 && secs > 0) printf("checkpoint: background save finished (%.2f s)\n", secs);
+    return 0;
+}
+
 static int save(trainer *t, int step, long long tokens) {
     const job_config *c = t->cfg;
     char err[1024] = "";
     char *yaml = config_to_yaml(c);
     ckpt_meta m = {.step = step, .tokens_seen = tokens, .layout = {t->dp, 1, 1},
                    .optim_t = t->opt.t, .seed = c->train.seed, .config = yaml};
-    double t0 = spmd_now();
     ckpt_save_opts so = {c->checkpoint.keep_last, c->checkpoint.keep_every, -1, -1};
     /* MPILM_FAULT=ckpt_kill:RANK:N kills RANK after N datasets of a save
      * (fault-injection tests of the atomic commit) */
     const char *fault = getenv("MPILM_FAULT");
     if (fault && sscanf(fault, "ckpt_kill:%d:%d", &so.fault_rank, &so.fault_after) != 2)
         so.fault_rank = so.fault_after = -1;
-    int rc = gptio_save(t->comm, c->checkpoint.dir, t->g, &t->opt, &m, &so, err, sizeof err);
+    double t0 = spmd_now();
+    int rc;
+    if (t->async) {
+        if (save_wait(t)) {
+            free(yaml);
+            return -1;
+        }
+        rc = gptio_save_async(t->comm, t->async, c->checkpoint.dir, t->g, &t->opt, &m, &so);
+        snprintf(err, sizeof err, "cannot start the background checkpoint writer");
+    } else
+        rc = gptio_save(t->comm, c->checkpoint.dir, t->g, &t->opt, &m, &so, err, sizeof err);
     free(yaml);
-    if (spmd_agree(t->comm, rc ? -1 : 0, PROG, err)) return -1;
+    if (spmd_agree(t->comm, rc ? -1 : 0, PROG, err)) {
+        if (rc == CKPT_ERR_FATAL) MPI_Abort(t->comm, 1); /* see io/ckpt.h */
+        return -1;
+    }
     if (t->rank == 0)
-        printf("checkpoint: %s/step-%08d (%.2f s)\n", c->checkpoint.dir, step, spmd_now() - t0);
+        printf("checkpoint: %s/step-%08d (%s%.3f s)\n", c->checkpoint.dir, step,
+               t->async ? "snapshot; writing in the background; training blocked " : "",
+               spmd_now() - t0);
     return 0;
 }
 
@@ -157,6 +185,14 @@ static int setup(trainer *t, MPI_Comm comm, const job_config *c) {
     snprintf(err, sizeof err, "comm.strategy %s: cannot set up the all-reduce", c->comm.strategy);
     if (spmd_agree(comm, rc || !t->algo, PROG, err)) return -1;
 
+    if (c->checkpoint.async && c->checkpoint.dir[0]) {
+        int level;
+        MPI_Query_thread(&level);
+        rc = level < MPI_THREAD_MULTIPLE || ckpt_async_create(comm, &t->async);
+        snprintf(err, sizeof err, "checkpoint.async needs MPI_THREAD_MULTIPLE, which this MPI "
+                                  "library did not provide");
+        if (spmd_agree(comm, rc, PROG, err)) return -1;
+    }
     if (t->rank == 0) {
         rc = metrics_open(&t->met, c->log.dir, 1, err, sizeof err);
         t->have_met = rc == 0;
@@ -165,6 +201,7 @@ static int setup(trainer *t, MPI_Comm comm, const job_config *c) {
 }
 
 static void teardown(trainer *t) {
+    ckpt_async_destroy(t->async);
     if (t->have_met) metrics_close(&t->met);
     comm_ar_destroy(t->ar);
     optim_free(&t->opt);
@@ -304,6 +341,7 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
             break;
         }
     }
+    if (rc == 0 && t.async) rc = save_wait(&t); /* the last save must be complete */
     if (timed) {
         res->step_ms = sum_ms / timed;
         res->tokens_per_s = sum_tps / timed;
