@@ -28,8 +28,12 @@ OMP_NUM_THREADS=1 $MPIRUN -n 2 $MPILM bench train --steps ${STEPS:-8} --csv "$OU
 if command -v gnuplot >/dev/null; then
     grep -v '^kernel' "$OUT/gemm.csv" | awk -F, '$3!="square"{print $1","$3","$7}' >"$OUT/gemm.dat"
     gnuplot <<GP
-set terminal pngcairo size 1100,500
+set terminal pngcairo size 1100,520 noenhanced
 set output "$OUT/gemm.png"
+set yrange [0:*]
+set bmargin 9
+set rmargin 8
+set key outside top center horizontal
 set datafile separator ","
 set title "sgemm GFLOP/s per model product (jobs/small.yaml), by OpenBLAS kernel"
 set style data histograms
@@ -37,7 +41,6 @@ set style histogram clustered
 set style fill solid 0.8
 set xtics rotate by -40
 set ylabel "GFLOP/s"
-set key top right
 plot "< grep -v Prescott $OUT/gemm.dat | awk -F, '!seen[\$2]++'" using 3:xtic(2) title "selected kernel", \
      "< grep Prescott $OUT/gemm.dat" using 3 title "Prescott (misdetected)"
 GP
@@ -75,7 +78,6 @@ set xtics rotate by -30 noenhanced
 set ylabel "GB/s (1e9 B/s), median"
 set grid ytics
 set yrange [0:*]
-set key top right
 set multiplot layout 2,1
 set title "checkpoint of jobs/small.yaml model + AdamW m, v: save/load vs raw disk, by ranks"
 plot for [c=2:4] "$OUT/ckpt-small.dat" using c:xtic(1) title sprintf("%d rank%s", 2**(c-2), c>2?"s":"")
