@@ -124,7 +124,7 @@ bad dangling-latest "latest points to step-00000999, which does not exist"
 # full disk: an 800 KiB file system holds one checkpoint of this model, not two
 mnt=$TMP/full; mkdir -p "$mnt"
 if mount -t tmpfs -o size=800k tmpfs "$mnt" 2>/dev/null; then
-    trap 'umount "$mnt" 2>/dev/null; rm -rf "$TMP"' EXIT
+    trap 'umount "$mnt" 2>/dev/null || true; rm -rf "$TMP"' EXIT
     write_job "$TMP/f.yaml" "$DATA" "$TMP/f" "$(ck "$mnt/ckpt")"
     train full 2 "$TMP/f.yaml" && die "a save on a full disk succeeded"
     grep -q "step-00000010.tmp: not enough free space" "$TMP/full.out" || { cat "$TMP/full.out"; die "full disk: message does not name the file"; }
@@ -132,6 +132,7 @@ if mount -t tmpfs -o size=800k tmpfs "$mnt" 2>/dev/null; then
     "$MPILM" ckpt verify "$mnt/ckpt" >/dev/null || die "full disk: previous checkpoint damaged"
     echo "ok  full-disk: $(grep -m1 "step-00000010.tmp" "$TMP/full.out")"
     umount "$mnt"
+    trap 'rm -rf "$TMP"' EXIT
 else
     echo "note: cannot mount a tmpfs here; full-disk case not run"
 fi
