@@ -10,7 +10,7 @@ timeout 600 $MPIRUN -n 2 "$MPILM" train jobs/tiny.yaml --set data.dir="$DATA" \
 tail -3 "$TMP/out"
 [[ -s $RUN/metrics.jsonl && -s $RUN/metrics.prom ]] || die "metrics files missing"
 grep -q '^mpilm_loss ' "$RUN/metrics.prom" || die "metrics.prom has no mpilm_loss gauge"
-[[ $(cat "$RUN/ckpt/latest") == step-00000150 ]] || die "latest is $(cat "$RUN/ckpt/latest")"
+[[ $(cat "$RUN/ckpt/latest") == step-00000400 ]] || die "latest is $(cat "$RUN/ckpt/latest")"
 val=$(grep -o '"val_loss": [^,}]*' "$RUN/metrics.jsonl" | tail -1 | cut -d' ' -f2)
 echo "final val_loss $val (ln 256 = 5.545)"
 $PY -c "import sys; sys.exit(0 if $val < 3.5 else 1)" || die "val_loss $val is not well below ln(256)"
@@ -20,7 +20,7 @@ echo "$json"
 ev=$($PY -c "import json,sys; print(json.loads(sys.argv[1])['val_loss'])" "$json")
 $PY -c "import sys; sys.exit(0 if abs($ev - $val) <= 1e-5 * $val else 1)" || die "eval $ev != trainer $val"
 # one rank gives the same answer as two
-json1=$(timeout 120 "$MPILM" eval --ckpt "$RUN/ckpt/step-00000150" --data "$DATA" --batches 8 --batch-size 8 --json)
+json1=$(timeout 120 "$MPILM" eval --ckpt "$RUN/ckpt/step-00000400" --data "$DATA" --batches 8 --batch-size 8 --json)
 ev1=$($PY -c "import json,sys; print(json.loads(sys.argv[1])['val_loss'])" "$json1")
 $PY -c "import sys; sys.exit(0 if abs($ev1 - $ev) <= 1e-6 * $ev else 1)" || die "eval on 1 rank $ev1 != 2 ranks $ev"
 # bad checkpoint path: clear error, non-zero exit
