@@ -61,6 +61,61 @@ uint64_t ckpt_hash(const float *x, size_t n, uint64_t first) {
     return s;
 }
 
+/* A tensor selection in normal form: segments and a column range. */
+typedef struct {
+    int nseg;
+    uint64_t row0[CKPT_MAX_SEG], nrows[CKPT_MAX_SEG], col0, ncols;
+} sel_t;
+
+static sel_t sel_of(const ckpt_tensor *t) {
+    sel_t s = {0};
+    if (t->nseg > 0) {
+        s.nseg = t->nseg;
+        for (int i = 0; i < t->nseg; i++) {
+            s.row0[i] = t->seg_row0[i];
+            s.nrows[i] = t->seg_nrows[i];
+        }
+        s.col0 = t->col0;
+        s.ncols = t->ncols ? t->ncols : t->cols;
+    } else {
+        s.nseg = t->nrows ? 1 : 0;
+        s.row0[0] = t->row0;
+        s.nrows[0] = t->nrows;
+        s.ncols = t->cols;
+    }
+    return s;
+}
+
+uint64_t ckpt_tensor_count(const ckpt_tensor *t) {
+    sel_t s = sel_of(t);
+    uint64_t n = 0;
+    for (int i = 0; i < s.nseg; i++) n += s.nrows[i] * s.ncols;
+    return n;
+}
+
+/* Hash of the selection's elements (global positions row * cols + col). */
+static uint64_t sel_hash(const ckpt_tensor *t, const float *data) {
+    sel_t s = sel_of(t);
+    uint64_t h = 0;
+    for (int i = 0; i < s.nseg; i++)
+        for (uint64_t r = 0; r < s.nrows[i]; r++, data += s.ncols)
+            h += ckpt_hash(data, s.ncols, (s.row0[i] + r) * t->cols + s.col0);
+    return h;
+}
+
+/* The selection as an HDF5 file-space selection (union of hyperslabs). */
+static int sel_h5(const ckpt_tensor *t, hid_t space) {
+    sel_t s = sel_of(t);
+    if (s.nseg == 0) return H5Sselect_none(space) < 0 ? -1 : 0;
+    for (int i = 0; i < s.nseg; i++) {
+        hsize_t start[2] = {s.row0[i], s.col0}, count[2] = {s.nrows[i], s.ncols};
+        if (H5Sselect_hyperslab(space, i ? H5S_SELECT_OR : H5S_SELECT_SET, start, NULL, count,
+                                NULL) < 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* Rows [lo, hi) of a tensor that rank r of p owns in the I/O partition. */
 static void io_part(uint64_t rows, int r, int p, uint64_t *lo, uint64_t *hi) {
     *lo = rows * (uint64_t)r / (uint64_t)p;
@@ -188,21 +243,19 @@ static int write_tensor(hid_t file, hid_t lcpl, hid_t dxpl, const ckpt_tensor *t
     hsize_t dims[2] = {t->rows, t->cols};
     hid_t sp = -1, d = -1, ms = -1;
     int rc = -1;
-    hsize_t n = t->nrows * t->cols, start[2] = {t->row0, 0}, count[2] = {t->nrows, t->cols};
-    hsize_t one = n ? n : 1;
+    hsize_t n = ckpt_tensor_count(t), one = n ? n : 1;
     int ok = !H5_CHECK(sp = H5Screate_simple(t->ndim, dims, NULL)) &&
              !H5_CHECK(d = H5Dcreate2(file, t->name, H5T_IEEE_F32LE, sp, lcpl, H5P_DEFAULT,
                                       H5P_DEFAULT)) &&
-             !H5_CHECK(ms = H5Screate_simple(1, &one, NULL));
-    if (ok && n) ok = !H5_CHECK(H5Sselect_hyperslab(sp, H5S_SELECT_SET, start, NULL, count, NULL));
-    else if (ok) ok = !H5_CHECK(H5Sselect_none(sp)) && !H5_CHECK(H5Sselect_none(ms));
+             !H5_CHECK(ms = H5Screate_simple(1, &one, NULL)) && !H5_CHECK(sel_h5(t, sp));
+    if (ok && !n) ok = !H5_CHECK(H5Sselect_none(ms));
     if (agree(comm, !ok, err, errlen)) goto done;
     ok = !H5_CHECK(H5Dwrite(d, H5T_NATIVE_FLOAT, ms, sp, dxpl, t->data));
     if (agree(comm, !ok, err, errlen)) goto done;
     H5D_mpio_actual_io_mode_t mode;
     if (H5Pget_mpio_actual_io_mode(dxpl, &mode) >= 0 && mode == H5D_MPIO_NO_COLLECTIVE)
         (*independent)++;
-    uint64_t part = ckpt_hash(t->data, n, t->row0 * t->cols), sum = 0;
+    uint64_t part = sel_hash(t, t->data), sum = 0;
     MPI_Allreduce(&part, &sum, 1, MPI_UINT64_T, MPI_SUM, comm);
     ok = !H5_CHECK(attr_write(d, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, 1, &sum));
     rc = agree(comm, !ok, err, errlen);
@@ -382,7 +435,8 @@ static int read_tensor(hid_t file, hid_t dxpl, ckpt_tensor *t, MPI_Comm comm, co
     hid_t d = -1, sp = -1, ms = -1;
     float *part = NULL;
     int *sc = NULL, *sd = NULL, *rcnt = NULL, *rd = NULL;
-    uint64_t *req = NULL;
+    sel_t *req = NULL;
+    float *sbuf = NULL, *rbuf = NULL;
     if (H5Lexists(file, t->name, H5P_DEFAULT) <= 0) {
         snprintf(err, errlen, "%s: dataset /%s is missing", fname, t->name);
         goto done;
@@ -424,34 +478,73 @@ static int read_tensor(hid_t file, hid_t dxpl, ckpt_tensor *t, MPI_Comm comm, co
                  fname, t->name, (unsigned long long)sum, (unsigned long long)want);
         goto done;
     }
-    /* redistribute: my partition rows [lo,hi) -> each rank's request */
-    req = malloc(2 * sizeof(uint64_t) * (size_t)p);
+    /* redistribute: my partition rows [lo,hi) -> each rank's selection.
+     * For each rank, its segments in order, each clipped to the partition
+     * rows, packed row by row over its column range. */
+    req = malloc(sizeof(sel_t) * (size_t)p);
     sc = calloc((size_t)p, sizeof(int));
     sd = calloc((size_t)p, sizeof(int));
     rcnt = calloc((size_t)p, sizeof(int));
     rd = calloc((size_t)p, sizeof(int));
     if (!req || !sc || !sd || !rcnt || !rd) goto done;
-    uint64_t myreq[2] = {t->row0, t->nrows};
-    MPI_Allgather(myreq, 2, MPI_UINT64_T, req, 2, MPI_UINT64_T, comm);
+    sel_t mysel = sel_of(t);
+    MPI_Allgather(&mysel, (int)sizeof mysel, MPI_BYTE, req, (int)sizeof mysel, MPI_BYTE, comm);
+    uint64_t nsend = 0, nrecv = 0;
     for (int r = 0; r < p; r++) {
-        uint64_t a = req[2 * r] > lo ? req[2 * r] : lo;
-        uint64_t b = req[2 * r] + req[2 * r + 1] < hi ? req[2 * r] + req[2 * r + 1] : hi;
-        uint64_t plo, phi;
+        uint64_t plo, phi, cs = 0, cr = 0;
         io_part(t->rows, r, p, &plo, &phi);
-        uint64_t ra = t->row0 > plo ? t->row0 : plo;
-        uint64_t rb = t->row0 + t->nrows < phi ? t->row0 + t->nrows : phi;
-        if ((b > a ? b - a : 0) * cols > (uint64_t)1 << 30 || (rb > ra ? rb - ra : 0) * cols > (uint64_t)1 << 30) {
+        for (int k = 0; k < req[r].nseg; k++) { /* what I send to r */
+            uint64_t a0 = req[r].row0[k] > lo ? req[r].row0[k] : lo;
+            uint64_t b0 = req[r].row0[k] + req[r].nrows[k] < hi ? req[r].row0[k] + req[r].nrows[k] : hi;
+            if (b0 > a0) cs += (b0 - a0) * req[r].ncols;
+        }
+        for (int k = 0; k < mysel.nseg; k++) { /* what r sends me */
+            uint64_t a0 = mysel.row0[k] > plo ? mysel.row0[k] : plo;
+            uint64_t b0 = mysel.row0[k] + mysel.nrows[k] < phi ? mysel.row0[k] + mysel.nrows[k] : phi;
+            if (b0 > a0) cr += (b0 - a0) * mysel.ncols;
+        }
+        if (nsend + cs > (uint64_t)1 << 30 || nrecv + cr > (uint64_t)1 << 30) {
             snprintf(err, errlen, "%s: tensor /%s too large for one redistribution", fname, t->name);
             goto done;
         }
-        sc[r] = b > a ? (int)((b - a) * cols) : 0;
-        sd[r] = b > a ? (int)((a - lo) * cols) : 0;
-        rcnt[r] = rb > ra ? (int)((rb - ra) * cols) : 0;
-        rd[r] = rb > ra ? (int)((ra - t->row0) * cols) : 0;
+        sd[r] = (int)nsend;
+        sc[r] = (int)cs;
+        rd[r] = (int)nrecv;
+        rcnt[r] = (int)cr;
+        nsend += cs;
+        nrecv += cr;
     }
-    MPI_Alltoallv(part, sc, sd, MPI_FLOAT, t->data, rcnt, rd, MPI_FLOAT, comm);
+    sbuf = malloc((nsend ? nsend : 1) * sizeof(float));
+    rbuf = malloc((nrecv ? nrecv : 1) * sizeof(float));
+    if (!sbuf || !rbuf) goto done;
+    float *o = sbuf;
+    for (int r = 0; r < p; r++)
+        for (int k = 0; k < req[r].nseg; k++) {
+            uint64_t a0 = req[r].row0[k] > lo ? req[r].row0[k] : lo;
+            uint64_t b0 = req[r].row0[k] + req[r].nrows[k] < hi ? req[r].row0[k] + req[r].nrows[k] : hi;
+            for (uint64_t row = a0; row < b0; row++, o += req[r].ncols)
+                memcpy(o, part + (row - lo) * cols + req[r].col0, req[r].ncols * sizeof(float));
+        }
+    MPI_Alltoallv(sbuf, sc, sd, MPI_FLOAT, rbuf, rcnt, rd, MPI_FLOAT, comm);
+    const float *in = rbuf;
+    for (int r = 0; r < p; r++) { /* unpack in the order rank r packed */
+        uint64_t plo, phi, base = 0;
+        io_part(t->rows, r, p, &plo, &phi);
+        for (int k = 0; k < mysel.nseg; k++) {
+            uint64_t a0 = mysel.row0[k] > plo ? mysel.row0[k] : plo;
+            uint64_t b0 = mysel.row0[k] + mysel.nrows[k] < phi ? mysel.row0[k] + mysel.nrows[k] : phi;
+            if (b0 > a0) {
+                size_t n0 = (b0 - a0) * mysel.ncols;
+                memcpy(t->data + base + (a0 - mysel.row0[k]) * mysel.ncols, in, n0 * sizeof(float));
+                in += n0;
+            }
+            base += mysel.nrows[k] * mysel.ncols;
+        }
+    }
     rc = 0;
 done:
+    free(sbuf);
+    free(rbuf);
     free(req);
     free(sc);
     free(sd);
@@ -723,7 +816,7 @@ int ckpt_async_start(ckpt_async *a, const char *dir, const ckpt_tensor *t, int n
     char err[1024];
     if (ckpt_async_wait(a, NULL, err, sizeof err)) fprintf(stderr, "%s\n", err);
     size_t total = 0;
-    for (int i = 0; i < nt; i++) total += t[i].nrows * t[i].cols;
+    for (int i = 0; i < nt; i++) total += ckpt_tensor_count(&t[i]);
     int ok = 1;
     if (total > a->cap) {
         free(a->snap);
@@ -743,8 +836,8 @@ int ckpt_async_start(ckpt_async *a, const char *dir, const ckpt_tensor *t, int n
         a->names[i] = strdup(t[i].name);
         a->t[i].name = a->names[i];
         a->t[i].data = a->snap + off;
-        memcpy(a->t[i].data, t[i].data, t[i].nrows * t[i].cols * sizeof(float));
-        off += t[i].nrows * t[i].cols;
+        memcpy(a->t[i].data, t[i].data, ckpt_tensor_count(&t[i]) * sizeof(float));
+        off += ckpt_tensor_count(&t[i]);
     }
     a->nt = nt;
     /* every rank must start the thread, or the others' collectives would hang */

@@ -25,15 +25,26 @@
  * caller must end the job (MPI_Abort) after reporting. */
 #define CKPT_ERR_FATAL (-2)
 
-/* A tensor of global shape (rows, cols) (cols = 1 for 1-D); this rank holds
- * rows [row0, row0 + nrows) contiguously at data. */
+#define CKPT_MAX_SEG 4
+
+/* A tensor of global shape (rows, cols) (cols = 1 for 1-D) and this rank's
+ * part of it. Simple form: rows [row0, row0 + nrows), all columns. General
+ * form (nseg > 0): row segments seg_row0/seg_nrows in increasing order, each
+ * restricted to columns [col0, col0 + ncols) (ncols = 0: all); data holds the
+ * segments back to back, each nrows x ncols row-major. A tensor-parallel
+ * shard is such a selection (e.g. the q, k and v rows of a head group). */
 typedef struct {
     const char *name; /* dataset path, e.g. "model/wte" */
     int ndim;
     uint64_t rows, cols;
     uint64_t row0, nrows;
     float *data;
+    int nseg;
+    uint64_t seg_row0[CKPT_MAX_SEG], seg_nrows[CKPT_MAX_SEG], col0, ncols;
 } ckpt_tensor;
+
+/* Elements of t's selection. */
+uint64_t ckpt_tensor_count(const ckpt_tensor *t);
 
 typedef struct {
     long long step, tokens_seen;

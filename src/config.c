@@ -52,7 +52,7 @@ static const key_spec schema[] = {
     {"train.recompute", K_BOOL, O(train.recompute), 0, "false", 0, 0, NULL},
     {"parallel.tp", K_INT, O(parallel.tp), 0, "1", 1, 4096, NULL},
     {"parallel.pp", K_INT, O(parallel.pp), 0, "1", 1, 4096, NULL},
-    {"parallel.microbatches", K_INT, O(parallel.microbatches), 0, "1", 1, 1 << 20, NULL},
+    {"parallel.microbatches", K_INT, O(parallel.microbatches), 0, "0", 0, 1 << 20, NULL},
     {"comm.strategy", K_ENUM, O(comm.strategy), S(comm.strategy), "mpi", 0, 0,
      "mpi|ring|recursive_doubling|rabenseifner|tree|parameter_server|hierarchical"},
     {"comm.thresholds.bandwidth", K_BW, O(comm.bw_threshold), 0, "10GB/s", 0, BIG, NULL},
@@ -93,8 +93,6 @@ _Static_assert(NKEYS <= 64, "job_config.origin too small");
 static const struct {
     const char *key, *why;
 } not_yet[] = {
-    {"parallel.tp", "tensor parallelism is not implemented in this build (tp must be 1)"},
-    {"parallel.pp", "pipeline parallelism is not implemented in this build (pp must be 1)"},
     {"comm.ps_ranks", "dedicated parameter-server ranks are not available in this build"},
 };
 
@@ -370,6 +368,19 @@ int config_check_layout(const job_config *c, int world, char *err, size_t len) {
                     "%s: %d is not a multiple of micro_batch * dp = %d * %d (world size %d)",
                     config_where(c, "train.global_batch", w, sizeof w), c->train.global_batch,
                     c->train.micro_batch, dp, world);
+    int m = c->train.global_batch / unit;
+    if (c->parallel.microbatches && c->parallel.microbatches != m)
+        return fail(err, len,
+                    "%s: %d, but global_batch / (micro_batch * dp) = %d / (%d * %d) = %d "
+                    "micro-batches per step (leave it out to derive it)",
+                    config_where(c, "parallel.microbatches", w, sizeof w),
+                    c->parallel.microbatches, c->train.global_batch, c->train.micro_batch, dp, m);
+    if (c->model.n_head % c->parallel.tp)
+        return fail(err, len, "%s: %d does not divide model.n_head (%d): attention is split by heads",
+                    config_where(c, "parallel.tp", w, sizeof w), c->parallel.tp, c->model.n_head);
+    if (c->model.n_layer % c->parallel.pp)
+        return fail(err, len, "%s: model.n_layer (%d) cannot be split into %d equal stages",
+                    config_where(c, "parallel.pp", w, sizeof w), c->model.n_layer, c->parallel.pp);
     return 0;
 }
 

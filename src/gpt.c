@@ -44,7 +44,6 @@ struct gpt {
     slot_acts *slots;
     layer_acts shared; /* recompute: the one set of layer activations */
     float *shared_mem, *tmp, *d_resid, *d_ln, *d_big, *d_qkv, *d_atty, *d_att;
-    size_t act_floats;
     double tp_seconds;
 };
 
@@ -187,7 +186,6 @@ static void free_acts(gpt *g) {
     g->slots = NULL;
     g->shared_mem = NULL;
     g->cap_b = g->cap_t = 0;
-    g->act_floats = 0;
 }
 
 void gpt_destroy(gpt *g) {
@@ -279,15 +277,25 @@ size_t gpt_activation_bytes(const gpt_config *c, int B, int T) {
     return (fwd + bwd) * sizeof(float);
 }
 
-size_t gpt_part_activation_bytes(const gpt *g, int B, int T) {
-    (void)B;
-    (void)T;
-    return g->act_floats * sizeof(float);
-}
-
 static size_t layer_floats(const gpt *g, size_t N, size_t att) {
     size_t C = g->C, Cl = g->Cl;
     return N * (C + 3 * Cl + Cl + C + C + 4 * Cl + 4 * Cl) + 4 * N + att;
+}
+
+/* Floats per activation slot and shared between slots, for (B,T). */
+static void act_sizes(const gpt *g, int B, int T, int rec, size_t *per_slot, size_t *shared) {
+    size_t N = (size_t)B * T, C = g->C, Cl = g->Cl, V = g->cfg.vocab_size;
+    size_t att = (size_t)B * g->NHl * T * T, nl = g->nl;
+    *per_slot = (nl + 1) * N * C + (rec ? 0 : nl * layer_floats(g, N, att)) +
+                (g->part.last ? N * C + 2 * N + N * V : 0);
+    *shared = (rec ? layer_floats(g, N, att) : 0) + N * C /* tmp */ + N * C * 2 + N * 4 * Cl +
+              N * 3 * Cl + N * Cl + att;
+}
+
+size_t gpt_part_activation_bytes(const gpt *g, int B, int T, int recompute) {
+    size_t per_slot, shared;
+    act_sizes(g, B, T, recompute, &per_slot, &shared);
+    return (per_slot * (size_t)g->part.nslots + shared) * sizeof(float);
 }
 
 static float *take(float **p, size_t n) {
@@ -317,10 +325,8 @@ static int ensure_acts(gpt *g, int B, int T) {
     size_t N = (size_t)B * T, C = g->C, Cl = g->Cl, V = g->cfg.vocab_size;
     size_t att = (size_t)B * g->NHl * T * T, nl = g->nl, ns = g->part.nslots;
     int rec = g->part.recompute;
-    size_t per_slot = (nl + 1) * N * C + (rec ? 0 : nl * layer_floats(g, N, att)) +
-                      (g->part.last ? N * C + 2 * N + N * V : 0);
-    size_t shared = (rec ? layer_floats(g, N, att) : 0) + N * C /* tmp */ + N * C * 2 +
-                    N * 4 * Cl + N * 3 * Cl + N * Cl + att;
+    size_t per_slot, shared;
+    act_sizes(g, B, T, rec, &per_slot, &shared);
     g->slots = calloc(ns, sizeof(slot_acts));
     g->shared_mem = malloc(shared * sizeof(float));
     if (!g->slots || !g->shared_mem) goto fail;
@@ -349,7 +355,6 @@ static int ensure_acts(gpt *g, int B, int T) {
     g->d_qkv = take(&p, N * 3 * Cl);
     g->d_atty = take(&p, N * Cl);
     g->d_att = take(&p, att);
-    g->act_floats = per_slot * ns + shared;
     g->cap_b = B;
     g->cap_t = T;
     return 0;
@@ -419,6 +424,8 @@ static layer_acts *acts_of(gpt *g, slot_acts *sa, int l) {
     return g->part.recompute ? &g->shared : &sa->la[l];
 }
 
+int gpt_reserve(gpt *g, int B, int T) { return T > g->cfg.block_size ? -1 : ensure_acts(g, B, T); }
+
 double gpt_stage_forward(gpt *g, int slot, const int *tok, const float *x_in, const int *tgt,
                          int B, int T, float dscale) {
     if (T > g->cfg.block_size || slot < 0 || slot >= g->part.nslots || ensure_acts(g, B, T))
@@ -428,7 +435,7 @@ double gpt_stage_forward(gpt *g, int slot, const int *tok, const float *x_in, co
     slot_acts *sa = &g->slots[slot];
     if (g->part.first)
         kern_encoder_fwd(sa->resid[0], tok, g->params, g->params + g->tensors[1].offset, B, T, C);
-    else memcpy(sa->resid[0], x_in, N * C * sizeof(float));
+    else if (x_in) memcpy(sa->resid[0], x_in, N * C * sizeof(float));
     for (int l = 0; l < g->nl; l++) layer_fwd(g, l, acts_of(g, sa, l), sa->resid[l], sa->resid[l + 1], B, T);
     if (!g->part.last) return 0.0;
     kern_layernorm_fwd(sa->lnf, sa->lnf_mean, sa->lnf_rstd, sa->resid[g->nl],

@@ -115,8 +115,11 @@ const float *gpt_stage_input_grad(const gpt *g);
 
 /* Seconds spent in TP all-reduces since creation. */
 double gpt_tp_comm_seconds(const gpt *g);
-/* Activation bytes this rank holds for micro-batches of (B,T) (all slots). */
-size_t gpt_part_activation_bytes(const gpt *g, int B, int T);
+/* Activation bytes this rank holds for micro-batches of (B,T), all slots,
+ * with or without recomputation. */
+size_t gpt_part_activation_bytes(const gpt *g, int B, int T, int recompute);
+/* Allocates the activations for (B,T) now (0 or -1). */
+int gpt_reserve(gpt *g, int B, int T);
 
 /* FLOPs of one training token (forward + backward) at sequence length T. */
 double gpt_flops_per_token(const gpt_config *cfg, int T);

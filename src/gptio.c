@@ -1,6 +1,7 @@
 /* gptio: tensor lists between gpt/optim and io/ckpt. */
 #include "src/gptio.h"
 
+#include "io/qckpt.h"
 #include "src/config.h"
 
 #include <stdio.h>
@@ -12,27 +13,99 @@ static const char *const groups[NGROUPS] = {"model", "optim/adam_m", "optim/adam
 
 static void free_list(ckpt_tensor *t, int nt);
 
-/* Fills t[] for ngroups buffers; each rank holds everything and takes rows
- * [R*r/p, R*(r+1)/p) when `shard`, all rows otherwise. Names are malloc'ed. */
-static ckpt_tensor *tensor_list(gpt *g, float *const *bufs, int ngroups, int rank, int p,
-                                int shard, int *nt) {
-    int n = gpt_ntensors(g);
+/* This rank's shard of a tensor as a selection in global coordinates. */
+static void shard_sel(const gpt *g, const gpt_tensor *gt, ckpt_tensor *c) {
+    const gpt_part *pt = gpt_get_part(g);
+    int tp = pt->tp, r = pt->tp_rank;
+    uint64_t R = (uint64_t)gt->gshape[0], Cc = c->cols;
+    c->nseg = 1;
+    c->seg_row0[0] = 0;
+    c->seg_nrows[0] = R;
+    c->col0 = 0;
+    c->ncols = Cc;
+    if (gt->shard == GPT_SPLIT_ROWS) {
+        c->seg_row0[0] = R / tp * r;
+        c->seg_nrows[0] = R / tp;
+    } else if (gt->shard == GPT_SPLIT_QKV) {
+        c->nseg = 3;
+        for (int k = 0; k < 3; k++) {
+            c->seg_row0[k] = R / 3 * k + R / 3 / tp * r;
+            c->seg_nrows[k] = R / 3 / tp;
+        }
+    } else if (gt->shard == GPT_SPLIT_COLS) {
+        c->col0 = Cc / tp * r;
+        c->ncols = Cc / tp;
+    }
+}
+
+/* Keeps local rows [a, b) of the selection (rows counted over the segments
+ * in order), for splitting a shard among the data-parallel replicas. */
+static void sel_rows(ckpt_tensor *c, uint64_t a, uint64_t b) {
+    int n = 0;
+    uint64_t base = 0;
+    uint64_t r0[CKPT_MAX_SEG], nr[CKPT_MAX_SEG];
+    for (int k = 0; k < c->nseg; k++) {
+        uint64_t lo = a > base ? a : base, hi = b < base + c->seg_nrows[k] ? b : base + c->seg_nrows[k];
+        if (hi > lo) {
+            r0[n] = c->seg_row0[k] + (lo - base);
+            nr[n++] = hi - lo;
+        }
+        base += c->seg_nrows[k];
+    }
+    for (int k = 0; k < n; k++) {
+        c->seg_row0[k] = r0[k];
+        c->seg_nrows[k] = nr[k];
+    }
+    c->nseg = n;
+}
+
+/* The global tensor list (every rank, same order: collective dataset
+ * creation needs it) with this rank's selections. save: a disjoint cover,
+ * each piece written once (replicated tensors by TP rank 0, the tied head by
+ * the first stage, shards split among the dp replicas); load: this rank's
+ * whole shard. Names are malloc'ed. */
+static ckpt_tensor *tensor_list(gpt *g, float *const *bufs, int ngroups, int dp_rank, int dp,
+                                int save, int *nt) {
+    const gpt_config *cfg = gpt_cfg(g);
+    const gpt_part *pt = gpt_get_part(g);
+    int n = gpt_global_ntensors(cfg);
+    int *local = malloc((size_t)n * sizeof(int));
     ckpt_tensor *t = calloc((size_t)n * ngroups, sizeof *t);
-    if (!t) return NULL;
+    if (!t || !local) {
+        free(local);
+        free(t);
+        return NULL;
+    }
+    for (int i = 0; i < n; i++) local[i] = -1;
+    for (int i = gpt_ntensors(g) - 1; i >= 0; i--) /* backwards: wte itself wins over the head copy */
+        local[gpt_tensor_at(g, i)->gindex] = i;
     for (int k = 0; k < ngroups; k++)
         for (int i = 0; i < n; i++) {
-            const gpt_tensor *gt = gpt_tensor_at(g, i);
             ckpt_tensor *c = &t[k * n + i];
-            char name[128];
-            snprintf(name, sizeof name, "%s/%s", groups[k], gt->name);
+            char name[128], gname[64];
+            int shape[2], nd;
+            gpt_global_name(cfg, i, gname, sizeof gname, shape, &nd);
+            snprintf(name, sizeof name, "%s/%s", groups[k], gname);
             c->name = strdup(name);
-            c->ndim = gt->ndim;
-            c->rows = (uint64_t)gt->shape[0];
-            c->cols = gt->ndim == 2 ? (uint64_t)gt->shape[1] : 1;
-            c->row0 = shard ? c->rows * (uint64_t)rank / (uint64_t)p : 0;
-            c->nrows = shard ? c->rows * (uint64_t)(rank + 1) / (uint64_t)p - c->row0 : c->rows;
-            c->data = bufs[k] + gt->offset + c->row0 * c->cols;
+            c->ndim = nd;
+            c->rows = (uint64_t)shape[0];
+            c->cols = nd == 2 ? (uint64_t)shape[1] : 1;
+            c->nseg = 0; /* nothing, unless this rank holds it */
+            c->data = bufs[k];
+            if (local[i] < 0) continue;
+            const gpt_tensor *gt = gpt_tensor_at(g, local[i]);
+            shard_sel(g, gt, c);
+            c->data = bufs[k] + gt->offset;
+            if (!save) continue;
+            int writes = (gt->shard != GPT_REPL || pt->tp_rank == 0) && !(i == 0 && !pt->first);
+            uint64_t R = 0;
+            for (int s = 0; s < c->nseg; s++) R += c->seg_nrows[s];
+            uint64_t a = writes ? R * (uint64_t)dp_rank / (uint64_t)dp : 0;
+            uint64_t b = writes ? R * (uint64_t)(dp_rank + 1) / (uint64_t)dp : 0;
+            sel_rows(c, a, b);
+            c->data += a * c->ncols;
         }
+    free(local);
     *nt = n * ngroups;
     return t;
 }
@@ -49,25 +122,21 @@ static void free_list(ckpt_tensor *t, int nt) {
     free(t);
 }
 
-int gptio_save(MPI_Comm comm, const char *dir, gpt *g, const optim *o, const ckpt_meta *meta,
-               const ckpt_save_opts *opts, char *err, size_t errlen) {
-    int rank, p, nt = 0;
-    MPI_Comm_rank(comm, &rank);
-    MPI_Comm_size(comm, &p);
+int gptio_save(MPI_Comm comm, int dp_rank, int dp, const char *dir, gpt *g, const optim *o,
+               const ckpt_meta *meta, const ckpt_save_opts *opts, char *err, size_t errlen) {
+    int nt = 0;
     float *bufs[NGROUPS] = {gpt_params(g), o ? o->m : NULL, o ? o->v : NULL};
-    ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, rank, p, 1, &nt);
+    ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, dp_rank, dp, 1, &nt);
     int rc = t ? ckpt_save(comm, dir, t, nt, meta, opts, err, errlen) : -1;
     free_list(t, nt);
     return rc;
 }
 
-int gptio_save_async(MPI_Comm comm, ckpt_async *a, const char *dir, gpt *g, const optim *o,
-                     const ckpt_meta *meta, const ckpt_save_opts *opts) {
-    int rank, p, nt = 0;
-    MPI_Comm_rank(comm, &rank);
-    MPI_Comm_size(comm, &p);
+int gptio_save_async(ckpt_async *a, int dp_rank, int dp, const char *dir, gpt *g,
+                     const optim *o, const ckpt_meta *meta, const ckpt_save_opts *opts) {
+    int nt = 0;
     float *bufs[NGROUPS] = {gpt_params(g), o ? o->m : NULL, o ? o->v : NULL};
-    ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, rank, p, 1, &nt);
+    ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, dp_rank, dp, 1, &nt);
     int rc = ckpt_async_start(a, dir, t, t ? nt : 0, meta, opts);
     free_list(t, nt);
     return rc;
@@ -75,11 +144,9 @@ int gptio_save_async(MPI_Comm comm, ckpt_async *a, const char *dir, gpt *g, cons
 
 int gptio_load(MPI_Comm comm, const char *file, gpt *g, optim *o, ckpt_meta *meta, char *err,
                size_t errlen) {
-    int rank, p, nt = 0;
-    MPI_Comm_rank(comm, &rank);
-    MPI_Comm_size(comm, &p);
+    int nt = 0;
     float *bufs[NGROUPS] = {gpt_params(g), o ? o->m : NULL, o ? o->v : NULL};
-    ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, rank, p, 0, &nt);
+    ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, 0, 1, 0, &nt);
     int rc = t ? ckpt_load(comm, file, t, nt, meta, err, errlen) : -1;
     free_list(t, nt);
     if (rc == 0 && o) o->t = (int)meta->optim_t;
@@ -106,7 +173,17 @@ int gptio_open(MPI_Comm comm, const char *path, gpt **out, ckpt_meta *meta, char
     }
     int all = 0;
     MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
-    if (all == 0) all = gptio_load(comm, file, *out, NULL, meta, err, errlen);
+    /* a quantized checkpoint (root `quant` attribute) fills the float model by
+     * dequantizing its /qmodel tensors (io/qckpt.h) */
+    int quant = all == 0 ? qckpt_is_quantized(file) : 0, qall = 0;
+    MPI_Allreduce(&quant, &qall, 1, MPI_INT, MPI_MAX, comm);
+    if (all == 0 && qall > 0) {
+        int nt = 0;
+        ckpt_tensor *t = gptio_tensor_list(*out, 0, &nt);
+        all = t ? qckpt_load_model(comm, file, t, nt, meta, err, errlen) : -1;
+        gptio_free_list(t, nt);
+    } else if (all == 0)
+        all = gptio_load(comm, file, *out, NULL, meta, err, errlen);
     if (all) {
         gpt_destroy(*out);
         *out = NULL;

@@ -1,7 +1,9 @@
 /* gptio: a gpt (and optionally its AdamW state) to and from an HDF5
  * checkpoint (io/ckpt): names /model/<name>, /optim/adam_m/<name>,
  * /optim/adam_v/<name>. Replicated tensors (data parallelism) are written in
- * disjoint row ranges, one per rank, so each rank writes only its shard.
+ * pieces, one per rank (tensor-parallel shards as multi-segment hyperslabs),
+ * so each rank writes only its own part; loading reads any layout's file
+ * into any other layout.
  */
 #ifndef MPILM_GPTIO_H
 #define MPILM_GPTIO_H
@@ -10,13 +12,14 @@
 #include "src/gpt.h"
 #include "src/optim.h"
 
-/* Collective over comm. */
-int gptio_save(MPI_Comm comm, const char *dir, gpt *g, const optim *o, const ckpt_meta *meta,
-               const ckpt_save_opts *opts, char *err, size_t errlen);
+/* Collective over comm (every rank of the grid); this rank is data-parallel
+ * replica dp_rank of dp, which splits the writing of replicated pieces. */
+int gptio_save(MPI_Comm comm, int dp_rank, int dp, const char *dir, gpt *g, const optim *o,
+               const ckpt_meta *meta, const ckpt_save_opts *opts, char *err, size_t errlen);
 /* Collective: the same, written in the background by `a` (see io/ckpt.h);
  * returns once this rank's shard is copied. */
-int gptio_save_async(MPI_Comm comm, ckpt_async *a, const char *dir, gpt *g, const optim *o,
-                     const ckpt_meta *meta, const ckpt_save_opts *opts);
+int gptio_save_async(ckpt_async *a, int dp_rank, int dp, const char *dir, gpt *g,
+                     const optim *o, const ckpt_meta *meta, const ckpt_save_opts *opts);
 /* Collective; o may be NULL (model only). */
 int gptio_load(MPI_Comm comm, const char *file, gpt *g, optim *o, ckpt_meta *meta, char *err,
                size_t errlen);

@@ -1,4 +1,4 @@
-/* train: the SPMD training loop (data parallelism). */
+/* train: the SPMD training loop over the dp x pp x tp grid. */
 #include "src/train.h"
 
 #include "comm/allreduce.h"
@@ -8,6 +8,8 @@
 #include "src/data.h"
 #include "src/gpt.h"
 #include "src/gptio.h"
+#include "src/grid.h"
+#include "src/pipe.h"
 #include "src/optim.h"
 #include "src/spmd.h"
 
@@ -22,14 +24,15 @@
 
 typedef struct {
     MPI_Comm comm;
-    int rank, world, dp;
+    int rank, world, dp, m; /* m: micro-batches per step per pipeline */
+    grid grid;
+    pipe_ctx *pipe;
     const job_config *cfg;
     gpt *g;
     optim opt;
     comm_ar *ar;
     const comm_ar_algo *algo;
     tokfile train, val;
-    int *inp, *tgt;
     metrics met;
     int have_met;
     ckpt_async *async; /* background checkpoint writer (checkpoint.async) */
@@ -48,16 +51,12 @@ static void fmt_bytes(char *b, size_t n, double v) {
     snprintf(b, n, "%.1f %s", v, u[i]);
 }
 
-/* Mean validation loss over eval_batches micro-batches, spread over ranks. */
+/* Mean validation loss over eval_batches micro-batches, spread over the
+ * data-parallel ranks, each through its pipeline. */
 static double evaluate(trainer *t) {
     const job_config *c = t->cfg;
     int B = c->train.micro_batch, T = c->model.block_size;
-    uint64_t nb = data_num_batches(&t->val, B, T);
-    double sum = 0, all = 0;
-    for (int i = t->rank; i < c->train.eval_batches; i += t->world) {
-        data_read_rows(&t->val, (uint64_t)(i % nb) * B * T, B, T, t->inp, t->tgt);
-        sum += gpt_forward(t->g, t->inp, t->tgt, B, T, 0.f);
-    }
+    double sum = pipe_eval(t->pipe, &t->val, c->train.eval_batches), all = 0;
     MPI_Allreduce(&sum, &all, 1, MPI_DOUBLE, MPI_SUM, t->comm);
     return all / ((double)c->train.eval_batches * B * T);
 }
@@ -79,7 +78,8 @@ static int save(trainer *t, int step, long long tokens) {
     const job_config *c = t->cfg;
     char err[1024] = "";
     char *yaml = config_to_yaml(c);
-    ckpt_meta m = {.step = step, .tokens_seen = tokens, .layout = {t->dp, 1, 1},
+    ckpt_meta m = {.step = step, .tokens_seen = tokens,
+                   .layout = {t->dp, t->grid.tp, t->grid.pp},
                    .optim_t = t->opt.t, .seed = c->train.seed, .config = yaml};
     ckpt_save_opts so = {c->checkpoint.keep_last, c->checkpoint.keep_every, -1, -1};
     /* MPILM_FAULT=ckpt_kill:RANK:N kills RANK after N datasets of a save
@@ -94,10 +94,12 @@ static int save(trainer *t, int step, long long tokens) {
             free(yaml);
             return -1;
         }
-        rc = gptio_save_async(t->comm, t->async, c->checkpoint.dir, t->g, &t->opt, &m, &so);
+        rc = gptio_save_async(t->async, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, &t->opt,
+                              &m, &so);
         snprintf(err, sizeof err, "cannot start the background checkpoint writer");
     } else
-        rc = gptio_save(t->comm, c->checkpoint.dir, t->g, &t->opt, &m, &so, err, sizeof err);
+        rc = gptio_save(t->comm, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, &t->opt, &m,
+                        &so, err, sizeof err);
     free(yaml);
     if (spmd_agree(t->comm, rc ? -1 : 0, PROG, err)) {
         if (rc == CKPT_ERR_FATAL) MPI_Abort(t->comm, 1); /* see io/ckpt.h */
@@ -134,7 +136,7 @@ static int maybe_resume(trainer *t) {
     return (int)m.step;
 }
 
-static int setup(trainer *t, MPI_Comm comm, const job_config *c) {
+static int setup(trainer *t, MPI_Comm comm, const job_config *c, int quiet) {
     char err[1024] = "", path[CFG_STR + 16];
     memset(t, 0, sizeof *t);
     t->comm = comm;
@@ -142,10 +144,14 @@ static int setup(trainer *t, MPI_Comm comm, const job_config *c) {
     MPI_Comm_rank(comm, &t->rank);
     MPI_Comm_size(comm, &t->world);
     if (spmd_agree(comm, config_check_layout(c, t->world, err, sizeof err), PROG, err)) return -1;
-    t->dp = t->world;
+    int tp = c->parallel.tp, pp = c->parallel.pp, rc = grid_create(comm, tp, pp, &t->grid);
+    if (spmd_agree(comm, rc, PROG, "cannot create the process grid communicators")) return -1;
+    t->dp = t->grid.dp;
     kern_set_threads(spmd_threads_per_rank(comm));
+    if (!quiet) grid_print_map(&t->grid, comm, stdout);
 
-    int B = c->train.micro_batch, T = c->model.block_size, rc = 0;
+    int B = c->train.micro_batch, T = c->model.block_size;
+    t->m = c->train.global_batch / (B * t->dp);
     snprintf(path, sizeof path, "%s/train.tok", c->data.dir);
     rc = tokfile_open(path, &t->train, err, sizeof err);
     if (!rc) {
@@ -171,20 +177,23 @@ static int setup(trainer *t, MPI_Comm comm, const job_config *c) {
     }
     if (spmd_agree(comm, rc, PROG, err)) return -1;
 
-    rc = gpt_create(&c->model, &t->g) || optim_init(&t->opt, gpt_nparams(t->g), c->train.beta1,
-                                                    c->train.beta2, c->train.eps,
-                                                    c->train.weight_decay);
-    t->inp = malloc((size_t)B * T * sizeof(int));
-    t->tgt = malloc((size_t)B * T * sizeof(int));
-    if (spmd_agree(comm, rc || !t->inp || !t->tgt, PROG, "out of memory for the model")) return -1;
+    gpt_part part = {.tp = tp, .tp_rank = t->grid.tp_rank,
+                     .tp_comm = tp > 1 ? t->grid.tp_comm : MPI_COMM_NULL,
+                     .first = t->grid.pp_rank == 0, .last = t->grid.pp_rank == pp - 1,
+                     .nslots = pipe_slots(&t->grid, t->m), .recompute = c->train.recompute};
+    grid_stage_layers(c->model.n_layer, pp, t->grid.pp_rank, &part.layer0, &part.layer1);
+    rc = gpt_create_part(&c->model, &part, &t->g) ||
+         optim_init(&t->opt, gpt_nparams(t->g), c->train.beta1, c->train.beta2, c->train.eps,
+                    c->train.weight_decay) ||
+         gpt_reserve(t->g, B, T) || pipe_create(t->g, &t->grid, t->m, B, T, &t->pipe);
+    if (spmd_agree(comm, rc, PROG, "out of memory for the model")) return -1;
     gpt_init_weights(t->g, (uint64_t)c->train.seed);
 
     comm_ar_opts ao = {.ps_ranks = c->comm.ps_ranks};
-    rc = comm_ar_create(comm, &ao, &t->ar);
+    rc = comm_ar_create(t->grid.dp_comm, &ao, &t->ar);
     t->algo = comm_ar_find(c->comm.strategy);
     snprintf(err, sizeof err, "comm.strategy %s: cannot set up the all-reduce", c->comm.strategy);
     if (spmd_agree(comm, rc || !t->algo, PROG, err)) return -1;
-
     if (c->checkpoint.async && c->checkpoint.dir[0]) {
         int level;
         MPI_Query_thread(&level);
@@ -200,16 +209,63 @@ static int setup(trainer *t, MPI_Comm comm, const job_config *c) {
     return spmd_agree(comm, rc, PROG, err);
 }
 
+/* Rank 0 prints every rank's memory: parameters, gradients, optimizer
+ * state, activations (and what recomputation saves). Collective. */
+static void print_memory(trainer *t) {
+    const job_config *c = t->cfg;
+    int B = c->train.micro_batch, T = c->model.block_size;
+    double mine[5] = {(double)gpt_nparams(t->g) * 4, (double)gpt_nparams(t->g) * 4,
+                      (double)gpt_nparams(t->g) * 8,
+                      (double)gpt_part_activation_bytes(t->g, B, T, c->train.recompute),
+                      (double)gpt_part_activation_bytes(t->g, B, T, 0)};
+    double *all = t->rank == 0 ? malloc(sizeof mine * (size_t)t->world) : NULL;
+    MPI_Gather(mine, 5, MPI_DOUBLE, all, 5, MPI_DOUBLE, 0, t->comm);
+    if (!all) return;
+    printf("memory per rank:  params      grads  optimizer  activations%s\n",
+           c->train.recompute ? " (recompute on; without it)" : "");
+    for (int r = 0; r < t->world; r++) {
+        char b[5][32];
+        for (int k = 0; k < 5; k++) fmt_bytes(b[k], sizeof b[k], all[5 * r + k]);
+        printf("  rank %-3d %10s %10s %10s %12s", r, b[0], b[1], b[2], b[3]);
+        if (c->train.recompute)
+            printf(" (%s; saves %.0f%%)", b[4], 100.0 * (1 - all[5 * r + 3] / all[5 * r + 4]));
+        printf("\n");
+    }
+    free(all);
+}
+
+/* Gradient of the tied embedding: summed between first and last stage. */
+static void sum_tied_embedding(trainer *t) {
+    if (t->grid.emb_comm == MPI_COMM_NULL) return; /* pp = 1, or a middle stage */
+    int i = t->grid.pp_rank == 0 ? 0 : gpt_head_tensor(t->g);
+    const gpt_tensor *e = gpt_tensor_at(t->g, i);
+    MPI_Allreduce(MPI_IN_PLACE, gpt_grads(t->g) + e->offset, (int)e->numel, MPI_FLOAT, MPI_SUM,
+                  t->grid.emb_comm);
+}
+
+/* Global gradient norm: every parameter counted exactly once over tp and pp
+ * (gradients are equal over dp after the all-reduce). */
+static double grad_norm(trainer *t) {
+    double s = 0, all = 0;
+    const float *gr = gpt_grads(t->g);
+    for (int i = 0; i < gpt_ntensors(t->g); i++) {
+        const gpt_tensor *e = gpt_tensor_at(t->g, i);
+        if (e->in_norm) s += kern_sumsq(gr + e->offset, e->numel);
+    }
+    MPI_Allreduce(&s, &all, 1, MPI_DOUBLE, MPI_SUM, t->grid.mp_comm);
+    return sqrt(all);
+}
+
 static void teardown(trainer *t) {
     ckpt_async_destroy(t->async);
+    pipe_destroy(t->pipe);
     if (t->have_met) metrics_close(&t->met);
     comm_ar_destroy(t->ar);
     optim_free(&t->opt);
     gpt_destroy(t->g);
     tokfile_close(&t->train);
     tokfile_close(&t->val);
-    free(t->inp);
-    free(t->tgt);
+    grid_destroy(&t->grid);
 }
 
 int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic_t *stop_flag,
@@ -217,7 +273,7 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
     trainer t;
     memset(res, 0, sizeof *res);
     res->final_val_loss = -1;
-    int rc = setup(&t, comm, c);
+    int rc = setup(&t, comm, c, quiet);
     if (rc) goto done;
     int start = maybe_resume(&t);
     if (start < 0) {
@@ -225,24 +281,23 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
         goto done;
     }
     int B = c->train.micro_batch, T = c->model.block_size, G = c->train.global_batch;
-    int accum = G / (B * t.dp), steps = c->train.steps;
+    int steps = c->train.steps;
     uint64_t nb = data_num_batches(&t.train, G, T);
     double tokens_per_step = (double)G * T, fpt = gpt_flops_per_token(&c->model, T);
     double peak_local = kern_sgemm_gflops(512, 0.3), peak = 0;
     MPI_Allreduce(&peak_local, &peak, 1, MPI_DOUBLE, MPI_SUM, comm);
     res->peak_gflops = peak;
+    size_t np_all = 0;
+    for (int i = 0; i < gpt_ntensors(t.g); i++) /* each parameter once over the model group */
+        if (gpt_tensor_at(t.g, i)->in_norm) np_all += gpt_tensor_at(t.g, i)->numel;
+    MPI_Allreduce(MPI_IN_PLACE, &np_all, 1, MPI_UINT64_T, MPI_SUM, t.grid.mp_comm);
+    if (!quiet) print_memory(&t);
     if (t.rank == 0 && !quiet) {
-        size_t np = gpt_nparams(t.g);
-        char pb[32], ab[32];
-        fmt_bytes(pb, sizeof pb, (double)np * 4);
-        fmt_bytes(ab, sizeof ab, (double)gpt_activation_bytes(&c->model, B, T));
-        printf("mpilm train: %s | %zu parameters | layout dp=%d tp=1 pp=1 | %d threads/rank\n",
-               c->file, np, t.dp, kern_threads());
-        printf("per rank: parameters %s, gradients %s, optimizer %s x2, activations %s\n", pb, pb,
-               pb, ab);
-        printf("batch: global %d x %d tokens = %d micro-batches of %d per rank x %d ranks | "
-               "all-reduce: %s\n",
-               G, T, accum, B, t.dp, t.algo->name);
+        printf("mpilm train: %s | %zu parameters | layout dp=%d tp=%d pp=%d | %d threads/rank\n",
+               c->file, np_all, t.dp, t.grid.tp, t.grid.pp, kern_threads());
+        printf("batch: global %d x %d tokens = %d micro-batches of %d per pipeline x %d "
+               "data-parallel ranks%s | all-reduce: %s\n",
+               G, T, t.m, B, t.dp, c->train.recompute ? " | recompute" : "", t.algo->name);
         printf("BLAS: OpenBLAS %s kernel | measured sgemm peak %.1f GFLOP/s (all ranks)\n",
                kern_blas_corename(), peak);
         fflush(stdout);
@@ -255,30 +310,22 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
         double lr = optim_lr(c->train.schedule, c->train.lr, c->train.min_lr, c->train.warmup,
                              steps, s);
         gpt_zero_grad(t.g);
-        /* global rows of step s: [s*G, (s+1)*G) in batch order; rank r takes
-         * micro-batch a*dp + r of its accumulation loop */
+        /* global rows of step s: [s*G, (s+1)*G) in batch order; data-parallel
+         * rank r takes micro-batches a*dp + r (see pipe.h) */
         uint64_t base = (uint64_t)(s % nb) * G * T;
-        double loss_sum = 0;
-        for (int a = 0; a < accum; a++) {
-            uint64_t row = (uint64_t)(a * t.dp + t.rank) * B;
-            data_read_rows(&t.train, base + row * T, B, T, t.inp, t.tgt);
-            double l = gpt_forward(t.g, t.inp, t.tgt, B, T, dscale);
-            if (l < 0) {
-                rc = -1;
-                break;
-            }
-            loss_sum += l;
-        }
-        if (spmd_agree(comm, rc, PROG, "out of memory for activations")) goto done;
+        pipe_times tm = {0};
+        double tp0 = gpt_tp_comm_seconds(t.g);
+        double loss_sum = pipe_train_step(t.pipe, &t.train, base, dscale, &tm);
         double t1 = spmd_now();
         uint64_t sent0 = comm_ar_bytes_sent(t.ar);
+        sum_tied_embedding(&t);
         rc = t.algo->fn(t.ar, gpt_grads(t.g), gpt_nparams(t.g), COMM_SUM);
         double loss_all = 0;
         MPI_Allreduce(&loss_sum, &loss_all, 1, MPI_DOUBLE, MPI_SUM, comm);
-        double comm_s = spmd_now() - t1;
+        double comm_s = spmd_now() - t1 + gpt_tp_comm_seconds(t.g) - tp0;
         if (spmd_agree(comm, rc, PROG, "gradient all-reduce failed")) goto done;
         double loss = loss_all / tokens_per_step;
-        double gnorm = sqrt(kern_sumsq(gpt_grads(t.g), gpt_nparams(t.g)));
+        double gnorm = grad_norm(&t);
         if (!isfinite(loss) || !isfinite(gnorm)) {
             char m[128];
             snprintf(m, sizeof m, "step %d: loss %g, gradient norm %g: training diverged", s + 1,
@@ -310,6 +357,9 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
             metrics_num(m, "tokens_per_s", tps);
             metrics_num(m, "mfu", mfu);
             if (val_due) metrics_num(m, "val_loss", val);
+            metrics_num(m, "fwd_ms", tm.fwd_s * 1e3);
+            metrics_num(m, "bwd_ms", tm.bwd_s * 1e3);
+            metrics_num(m, "bubble_ms", tm.wait_s * 1e3);
             metrics_num(m, "comm_ms", comm_s * 1e3);
             metrics_int(m, "bytes_sent", (long long)(comm_ar_bytes_sent(t.ar) - sent0));
             metrics_str(m, "algorithm", t.algo->name);

@@ -1,0 +1,554 @@
+/* qckpt: writer and reader of quantized checkpoints (layout in io/qckpt.h).
+ *
+ * The writer follows io/ckpt: one shared file written with collective
+ * MPI-IO (every rank creates every dataset; the owner of a tensor selects
+ * all of it, the others select nothing), checksums agreed over ranks, and
+ * the .tmp-then-rename commit. The reader is independent per rank (a
+ * quantized model is small and every rank needs all of it to evaluate).
+ */
+#include "io/qckpt.h"
+
+#include "io/fsutil.h"
+#include "kernels/quant.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <hdf5.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+/* ---- HDF5 error reporting (as io/ckpt.c) ---------------------------------- */
+typedef struct {
+    char *buf;
+    size_t len;
+} h5_msg;
+
+static herr_t h5_walk(unsigned n, const H5E_error2_t *e, void *data) {
+    h5_msg *m = data;
+    if (n == 0 && e->desc) {
+        size_t used = strlen(m->buf);
+        snprintf(m->buf + used, m->len - used, ": %s", e->desc);
+    }
+    return 0;
+}
+
+static int h5_fail(const char *what, const char *file, int line, char *err, size_t len) {
+    snprintf(err, len, "%s:%d: %s failed", file, line, what);
+    h5_msg m = {err, len};
+    H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, h5_walk, &m);
+    H5Eclear2(H5E_DEFAULT);
+    return -1;
+}
+#define H5_CHECK(call) ((call) < 0 ? h5_fail(#call, __FILE__, __LINE__, err, errlen) : 0)
+
+/* Prefixes err with "PATH: dataset /NAME: " unless it already names PATH. */
+static void name_it(char *err, size_t errlen, const char *path, const char *ds) {
+    if (strstr(err, path)) return;
+    char why[1024];
+    snprintf(why, sizeof why, "%s", err);
+    if (ds) snprintf(err, errlen, "%s: dataset /%s: %s", path, ds, why);
+    else snprintf(err, errlen, "%s: %s", path, why);
+}
+
+uint64_t qckpt_hash(const void *x, size_t n, int bytes, uint64_t first) {
+    const uint8_t *b = x;
+    uint64_t s = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t v = bytes == 1 ? b[i] : (uint32_t)b[2 * i] | (uint32_t)b[2 * i + 1] << 8;
+        float f;
+        memcpy(&f, &v, 4);
+        s += ckpt_hash(&f, 1, first + i);
+    }
+    return s;
+}
+
+/* IEEE binary16, little endian: h5py maps it to numpy float16. */
+static hid_t fp16_type(void) {
+    hid_t t = H5Tcopy(H5T_IEEE_F32LE);
+    if (t < 0) return t;
+    if (H5Tset_fields(t, 15, 10, 5, 0, 10) < 0 || H5Tset_size(t, 2) < 0 ||
+        H5Tset_ebias(t, 15) < 0) {
+        H5Tclose(t);
+        return -1;
+    }
+    return t;
+}
+
+static int attr_write(hid_t obj, const char *name, hid_t ftype, hid_t mtype, int n,
+                      const void *v) {
+    hsize_t dim = (hsize_t)n;
+    hid_t sp = n == 1 ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &dim, NULL);
+    hid_t a = sp < 0 ? -1 : H5Acreate2(obj, name, ftype, sp, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = (a < 0 || H5Awrite(a, mtype, v) < 0) ? -1 : 0;
+    if (a >= 0) H5Aclose(a);
+    if (sp >= 0) H5Sclose(sp);
+    return rc;
+}
+
+static int attr_write_str(hid_t obj, const char *name, const char *s) {
+    hid_t t = H5Tcopy(H5T_C_S1);
+    int rc = -1;
+    if (t >= 0 && H5Tset_size(t, strlen(s) + 1) >= 0 && H5Tset_strpad(t, H5T_STR_NULLTERM) >= 0)
+        rc = attr_write(obj, name, t, t, 1, s);
+    if (t >= 0) H5Tclose(t);
+    return rc;
+}
+
+static int attr_read(hid_t obj, const char *name, hid_t mtype, void *v) {
+    if (H5Aexists(obj, name) <= 0) return -1;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
+    int rc = (a < 0 || H5Aread(a, mtype, v) < 0) ? -1 : 0;
+    if (a >= 0) H5Aclose(a);
+    return rc;
+}
+
+static char *attr_read_str(hid_t obj, const char *name) {
+    if (H5Aexists(obj, name) <= 0) return NULL;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT), ft = a < 0 ? -1 : H5Aget_type(a);
+    char *s = NULL;
+    if (ft >= 0 && H5Tget_class(ft) == H5T_STRING && !H5Tis_variable_str(ft)) {
+        size_t n = H5Tget_size(ft);
+        hid_t mt = H5Tcopy(ft);
+        s = calloc(n + 1, 1);
+        if (s && H5Aread(a, mt, s) < 0) {
+            free(s);
+            s = NULL;
+        }
+        H5Tclose(mt);
+    }
+    if (ft >= 0) H5Tclose(ft);
+    if (a >= 0) H5Aclose(a);
+    return s;
+}
+
+/* Collective: -1 on every rank if any failed; the others say why. */
+static int agree(MPI_Comm comm, int bad, char *err, size_t errlen) {
+    int b = bad != 0, any = 0;
+    MPI_Allreduce(&b, &any, 1, MPI_INT, MPI_MAX, comm);
+    if (any && !b) snprintf(err, errlen, "another rank failed writing the checkpoint");
+    return any ? -1 : 0;
+}
+
+/* ---- output check ------------------------------------------------------------ */
+
+int qckpt_out_check(const char *root, int force, char *err, size_t errlen) {
+    struct stat st;
+    if (stat(root, &st) != 0) return 0; /* will be created */
+    if (!S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "%s: output exists and is not a directory", root);
+        return -1;
+    }
+    if (force) return 0;
+    char p[4200];
+    snprintf(p, sizeof p, "%s/latest", root);
+    int holds = stat(p, &st) == 0;
+    snprintf(p, sizeof p, "%s/checkpoint.h5", root);
+    holds |= stat(p, &st) == 0;
+    DIR *d = opendir(root);
+    struct dirent *e;
+    while (d && !holds && (e = readdir(d)) != NULL)
+        if (!strncmp(e->d_name, "step-", 5) && !strchr(e->d_name, '.')) holds = 1;
+    if (d) closedir(d);
+    if (holds) {
+        snprintf(err, errlen, "%s already holds a checkpoint (use --force to replace it)", root);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- writer --------------------------------------------------------------------- */
+
+static hid_t make_fapl(MPI_Comm comm) {
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    if (fapl < 0) return fapl;
+    if (H5Pset_fapl_mpio(fapl, comm, MPI_INFO_NULL) < 0 ||
+        H5Pset_all_coll_metadata_ops(fapl, 1) < 0 || H5Pset_coll_metadata_write(fapl, 1) < 0 ||
+        H5Pset_alignment(fapl, 64 * 1024, 1024 * 1024) < 0) {
+        H5Pclose(fapl);
+        return -1;
+    }
+    return fapl;
+}
+
+/* Collective: one dataset of shape dims (ndim 1 or 2), written whole by
+ * `owner` from buf, with its checksum attribute. hash_bytes: 4 = float
+ * (ckpt_hash), 1 or 2 = qckpt_hash. */
+static int write_ds(hid_t loc, hid_t lcpl, hid_t dxpl, const char *name, hid_t ftype, int ndim,
+                    const hsize_t *dims, const void *buf, int owner, int hash_bytes,
+                    MPI_Comm comm, char *err, size_t errlen) {
+    int rank, rc = -1;
+    MPI_Comm_rank(comm, &rank);
+    hid_t sp = -1, d = -1;
+    hsize_t n = dims[0] * (ndim == 2 ? dims[1] : 1);
+    int mine = rank == owner;
+    int ok = !H5_CHECK(sp = H5Screate_simple(ndim, dims, NULL)) &&
+             !H5_CHECK(d = H5Dcreate2(loc, name, ftype, sp, lcpl, H5P_DEFAULT, H5P_DEFAULT));
+    if (ok && !mine) ok = !H5_CHECK(H5Sselect_none(sp));
+    if (agree(comm, !ok, err, errlen)) goto done;
+    /* the memory space equals the file selection: all of it, or nothing */
+    static const char dummy[8];
+    ok = !H5_CHECK(H5Dwrite(d, ftype, sp, sp, dxpl, mine ? buf : (const void *)dummy));
+    if (agree(comm, !ok, err, errlen)) goto done;
+    uint64_t part = 0, sum = 0;
+    if (mine)
+        part = hash_bytes == 4 ? ckpt_hash(buf, (size_t)n, 0)
+                               : qckpt_hash(buf, (size_t)n, hash_bytes, 0);
+    MPI_Allreduce(&part, &sum, 1, MPI_UINT64_T, MPI_SUM, comm);
+    ok = !H5_CHECK(attr_write(d, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, 1, &sum));
+    rc = agree(comm, !ok, err, errlen);
+done:
+    if (d >= 0) H5Dclose(d);
+    if (sp >= 0) H5Sclose(sp);
+    return rc;
+}
+
+/* Collective: tensor t as /model/<name> or the /qmodel/<name> group. */
+static int write_tensor(hid_t file, hid_t lcpl, hid_t dxpl, hid_t f16, const qckpt_tensor *t,
+                        MPI_Comm comm, char *err, size_t errlen) {
+    char path[256];
+    int rank;
+    MPI_Comm_rank(comm, &rank);
+    if (t->fmt == QCKPT_FP32) {
+        hsize_t dims[2] = {t->rows, t->cols};
+        snprintf(path, sizeof path, "model/%s", t->name);
+        return write_ds(file, lcpl, dxpl, path, H5T_IEEE_F32LE, t->ndim, dims, t->data, t->owner,
+                        4, comm, err, errlen);
+    }
+    quant_fmt f = (quant_fmt)t->fmt;
+    quant_layout l;
+    if (t->ndim != 2 || quant_layout_of(f, t->rows, t->cols, &l) != 0) {
+        snprintf(err, errlen, "cannot store tensor %s as %s", t->name,
+                 quant_fmt_name(f) ? quant_fmt_name(f) : "?");
+        return agree(comm, 1, err, errlen);
+    }
+    hid_t g = -1;
+    int rc = -1;
+    snprintf(path, sizeof path, "qmodel/%s", t->name);
+    if (agree(comm, H5_CHECK(g = H5Gcreate2(file, path, lcpl, H5P_DEFAULT, H5P_DEFAULT)), err,
+              errlen))
+        goto done;
+    long long shape[2] = {(long long)t->rows, (long long)t->cols};
+    int block = QUANT_BLOCK;
+    int bad = H5_CHECK(attr_write_str(g, "format", quant_fmt_name(f))) ||
+              H5_CHECK(attr_write(g, "shape", H5T_STD_I64LE, H5T_NATIVE_LLONG, 2, shape)) ||
+              H5_CHECK(attr_write(g, "block", H5T_STD_I32LE, H5T_NATIVE_INT, 1, &block));
+    if (agree(comm, bad, err, errlen)) goto done;
+    const uint8_t *b = t->data;
+    int mine = rank == t->owner;
+    hsize_t qd[2] = {t->rows, l.nblk * l.code_bytes}, sd[2] = {t->rows, l.nblk};
+    if (write_ds(g, lcpl, dxpl, "q", f == QUANT_Q8 ? H5T_STD_I8LE : H5T_STD_U8LE, 2, qd,
+                 mine ? b + l.q_off : NULL, t->owner, 1, comm, err, errlen) ||
+        write_ds(g, lcpl, dxpl, "scale", f16, 2, sd, mine ? b + l.scale_off : NULL, t->owner, 2,
+                 comm, err, errlen) ||
+        (l.min_bytes && write_ds(g, lcpl, dxpl, "min", f16, 2, sd, mine ? b + l.min_off : NULL,
+                                 t->owner, 2, comm, err, errlen)))
+        goto done;
+    rc = 0;
+done:
+    if (g >= 0) H5Gclose(g);
+    return rc;
+}
+
+/* The root `quant` attribute (JSON). malloc'ed. */
+static char *quant_json(const qckpt_tensor *t, int nt) {
+    size_t cap = 1024 + (size_t)nt * 160, used = 0;
+    char *s = malloc(cap);
+    if (!s) return NULL;
+    used += (size_t)snprintf(
+        s + used, cap - used,
+        "{\"version\": %d, \"block\": %d, \"scale_type\": \"float16\", \"layout\": \"planar: "
+        "/qmodel/<name>/q [rows, nblk*32] int8 (q8) or [rows, nblk*16] uint8 (4-bit, byte j = "
+        "weight j low nibble | weight j+16 high nibble, q4 nibble = code+8); scale [rows, nblk] "
+        "float16; min [rows, nblk] float16 (q4a); nblk = ceil(cols/32), last block zero-padded; "
+        "q8/q4: w = scale*code, q4a: w = scale*nibble + min, nf4: w = scale*nf4[nibble]\", "
+        "\"formats\": {",
+        QCKPT_VERSION, QUANT_BLOCK);
+    for (int i = 0; i < nt && used < cap; i++)
+        used += (size_t)snprintf(s + used, cap - used, "%s\"%s\": \"%s\"", i ? ", " : "",
+                                 t[i].name,
+                                 t[i].fmt == QCKPT_FP32 ? "fp32"
+                                                        : quant_fmt_name((quant_fmt)t[i].fmt));
+    if (used < cap) snprintf(s + used, cap - used, "}}");
+    return s;
+}
+
+int qckpt_save(MPI_Comm comm, const char *root, const qckpt_tensor *t, int nt,
+               const ckpt_meta *meta, const qckpt_save_opts *opts, char *err, size_t errlen) {
+    int rank, rc = 0, all = 0;
+    MPI_Comm_rank(comm, &rank);
+    char tmp[4096], fin[4096], path[4200];
+    snprintf(tmp, sizeof tmp, "%s/step-%08lld.tmp", root, meta->step);
+    snprintf(fin, sizeof fin, "%s/step-%08lld", root, meta->step);
+    snprintf(path, sizeof path, "%s/checkpoint.h5", tmp);
+    err[0] = 0;
+    if (rank == 0) {
+        double need = 64.0 * 1024;
+        for (int i = 0; i < nt; i++) need += (double)t[i].rows * t[i].cols * 4 + 4096;
+        struct statvfs vfs;
+        rc = qckpt_out_check(root, opts->force, err, errlen);
+        if (rc == 0) {
+            fs_rm_rf(tmp);
+            if (fs_mkdirs(root) != 0 || mkdir(tmp, 0755) != 0) {
+                snprintf(err, errlen, "%s: cannot create checkpoint directory: %s", tmp,
+                         strerror(errno));
+                rc = -1;
+            } else if (statvfs(tmp, &vfs) == 0 && (double)vfs.f_bavail * vfs.f_frsize < need) {
+                snprintf(err, errlen, "%s: not enough free space (%.1f MiB needed)", tmp,
+                         need / 1048576.0);
+                fs_rm_rf(tmp);
+                rc = -1;
+            }
+        }
+    }
+    MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
+    if (all) {
+        if (rank != 0) snprintf(err, errlen, "rank 0 could not prepare the output");
+        return -1;
+    }
+
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t fapl = -1, file = -1, lcpl = -1, dxpl = -1, f16 = -1;
+    char *qj = NULL;
+    rc = -1;
+    if (H5_CHECK(fapl = make_fapl(comm))) goto close;
+    file = H5Fcreate(path, H5F_ACC_EXCL, H5P_DEFAULT, fapl);
+    if (agree(comm, file < 0 ? h5_fail("H5Fcreate", __FILE__, __LINE__, err, errlen) : 0, err,
+              errlen))
+        goto close;
+    if (H5_CHECK(lcpl = H5Pcreate(H5P_LINK_CREATE)) ||
+        H5_CHECK(H5Pset_create_intermediate_group(lcpl, 1)) ||
+        H5_CHECK(dxpl = H5Pcreate(H5P_DATASET_XFER)) ||
+        H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE)) || H5_CHECK(f16 = fp16_type()))
+        goto close;
+    for (int i = 0; i < nt; i++) {
+        if (opts->fault_rank == rank && opts->fault_after == i) raise(SIGKILL);
+        if (write_tensor(file, lcpl, dxpl, f16, &t[i], comm, err, errlen)) {
+            char ds[200];
+            snprintf(ds, sizeof ds, "%s/%s", t[i].fmt == QCKPT_FP32 ? "model" : "qmodel",
+                     t[i].name);
+            name_it(err, errlen, path, ds);
+            goto close;
+        }
+    }
+    qj = quant_json(t, nt);
+    long long ver = CKPT_FORMAT_VERSION;
+    int bad = !qj || H5_CHECK(attr_write_str(file, "format", CKPT_FORMAT)) ||
+        H5_CHECK(attr_write(file, "format_version", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &ver)) ||
+        H5_CHECK(attr_write(file, "step", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->step)) ||
+        H5_CHECK(attr_write(file, "tokens_seen", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1,
+                            &meta->tokens_seen)) ||
+        H5_CHECK(attr_write(file, "layout", H5T_STD_I32LE, H5T_NATIVE_INT, 3, meta->layout)) ||
+        H5_CHECK(attr_write(file, "optim_t", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->optim_t)) ||
+        H5_CHECK(attr_write(file, "seed", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->seed)) ||
+        H5_CHECK(attr_write_str(file, "config", meta->config ? meta->config : "")) ||
+        H5_CHECK(attr_write_str(file, "quant", qj));
+    if (agree(comm, bad, err, errlen)) goto close;
+    rc = 0;
+close:
+    free(qj);
+    if (f16 >= 0) H5Tclose(f16);
+    if (dxpl >= 0) H5Pclose(dxpl);
+    if (lcpl >= 0) H5Pclose(lcpl);
+    if (rc && file >= 0) {
+        /* as ckpt_save: the file cannot be closed after a failed collective
+         * write; remove the partial step and let the caller abort */
+        if (rank == 0) fs_rm_rf(tmp);
+        name_it(err, errlen, path, NULL);
+        return CKPT_ERR_FATAL;
+    }
+    if (file >= 0 && H5Fclose(file) < 0 && rc == 0)
+        rc = h5_fail("H5Fclose", __FILE__, __LINE__, err, errlen);
+    if (rc) name_it(err, errlen, path, NULL);
+    if (fapl >= 0) H5Pclose(fapl);
+    MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
+    if (all == 0 && rank == 0) {
+        char latest[4200], ltmp[4200], name[64];
+        snprintf(latest, sizeof latest, "%s/latest", root);
+        snprintf(ltmp, sizeof ltmp, "%s/.latest.tmp", root);
+        snprintf(name, sizeof name, "step-%08lld", meta->step);
+        FILE *f = NULL;
+        fs_rm_rf(fin); /* --force: a same-step directory is replaced */
+        if (fs_fsync_path(path) != 0 || rename(tmp, fin) != 0 || fs_fsync_path(root) != 0 ||
+            !(f = fopen(ltmp, "w")) || fprintf(f, "%s\n", name) < 0 || fflush(f) != 0 ||
+            fsync(fileno(f)) != 0 || fclose(f) != 0 || (f = NULL, rename(ltmp, latest) != 0) ||
+            fs_fsync_path(root) != 0) {
+            if (f) fclose(f);
+            snprintf(err, errlen, "%s: cannot commit checkpoint: %s", fin, strerror(errno));
+            rc = -1;
+        }
+    }
+    if (all != 0 && rank == 0) fs_rm_rf(tmp);
+    MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
+    return all ? -1 : 0;
+}
+
+/* ---- reader ---------------------------------------------------------------------- */
+
+int qckpt_is_quantized(const char *file) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) {
+        H5Eclear2(H5E_DEFAULT);
+        return -1;
+    }
+    int q = H5Aexists(f, "quant") > 0;
+    H5Fclose(f);
+    return q;
+}
+
+/* Reads a whole dataset of `want_nd` dims equal to want[] into buf with
+ * memory type mtype and checks its checksum. */
+static int read_ds(hid_t loc, const char *fname, const char *dsname, const char *name,
+                   hid_t mtype, int want_nd, const hsize_t *want, void *buf, int hash_bytes,
+                   char *err, size_t errlen) {
+    hid_t d = -1, sp = -1;
+    int rc = -1;
+    hsize_t dims[2] = {0, 1};
+    if (H5Lexists(loc, name, H5P_DEFAULT) <= 0) {
+        snprintf(err, errlen, "%s: dataset /%s is missing", fname, dsname);
+        return -1;
+    }
+    if (H5_CHECK(d = H5Dopen2(loc, name, H5P_DEFAULT)) || H5_CHECK(sp = H5Dget_space(d)))
+        goto done;
+    int nd = H5Sget_simple_extent_ndims(sp);
+    if (nd != want_nd || H5Sget_simple_extent_dims(sp, dims, NULL) < 0 || dims[0] != want[0] ||
+        (nd == 2 && dims[1] != want[1])) {
+        snprintf(err, errlen,
+                 "%s: dataset /%s has shape (%llu, %llu), the model expects (%llu, %llu) "
+                 "(checkpoint of a different model shape?)",
+                 fname, dsname, (unsigned long long)dims[0],
+                 (unsigned long long)(nd == 2 ? dims[1] : 1), (unsigned long long)want[0],
+                 (unsigned long long)(want_nd == 2 ? want[1] : 1));
+        goto done;
+    }
+    if (H5_CHECK(H5Dread(d, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf))) goto done;
+    size_t n = (size_t)(dims[0] * (nd == 2 ? dims[1] : 1));
+    uint64_t want_sum = 0,
+             have = hash_bytes == 4 ? ckpt_hash(buf, n, 0) : qckpt_hash(buf, n, hash_bytes, 0);
+    if (attr_read(d, "checksum", H5T_NATIVE_UINT64, &want_sum) != 0) {
+        snprintf(err, errlen, "%s: dataset /%s has no checksum attribute", fname, dsname);
+        goto done;
+    }
+    if (want_sum != have) {
+        snprintf(err, errlen, "%s: dataset /%s is corrupt (checksum %016llx, expected %016llx)",
+                 fname, dsname, (unsigned long long)have, (unsigned long long)want_sum);
+        goto done;
+    }
+    rc = 0;
+done:
+    if (rc && !strstr(err, fname)) name_it(err, errlen, fname, dsname);
+    if (sp >= 0) H5Sclose(sp);
+    if (d >= 0) H5Dclose(d);
+    return rc;
+}
+
+/* Fills t (full tensor into tmp, then t's rows) from an open file. */
+static int load_one(hid_t file, hid_t f16, const char *fname, ckpt_tensor *t, char *err,
+                    size_t errlen) {
+    const char *x = strncmp(t->name, "model/", 6) == 0 ? t->name + 6 : t->name;
+    char qpath[256], ds[300];
+    size_t n = (size_t)(t->rows * t->cols);
+    float *full = malloc((n ? n : 1) * sizeof(float));
+    void *qbuf = NULL;
+    hid_t g = -1;
+    int rc = -1;
+    if (!full) {
+        snprintf(err, errlen, "%s: out of memory reading %s", fname, x);
+        return -1;
+    }
+    snprintf(qpath, sizeof qpath, "qmodel/%s", x);
+    if (H5Lexists(file, "qmodel", H5P_DEFAULT) > 0 && H5Lexists(file, qpath, H5P_DEFAULT) > 0) {
+        char *fmt_s = NULL;
+        long long shape[2] = {0, 0};
+        quant_fmt f;
+        quant_layout l;
+        if (H5_CHECK(g = H5Gopen2(file, qpath, H5P_DEFAULT))) goto done;
+        fmt_s = attr_read_str(g, "format");
+        if (!fmt_s || quant_fmt_from_name(fmt_s, &f) != 0 ||
+            attr_read(g, "shape", H5T_NATIVE_LLONG, shape) != 0) {
+            snprintf(err, errlen, "%s: group /%s: missing or unknown format/shape attributes (%s)",
+                     fname, qpath, fmt_s ? fmt_s : "no format");
+            free(fmt_s);
+            goto done;
+        }
+        free(fmt_s);
+        if (t->ndim != 2 || (uint64_t)shape[0] != t->rows || (uint64_t)shape[1] != t->cols) {
+            snprintf(err, errlen,
+                     "%s: group /%s has shape (%lld, %lld), the model expects (%llu, %llu)",
+                     fname, qpath, shape[0], shape[1], (unsigned long long)t->rows,
+                     (unsigned long long)t->cols);
+            goto done;
+        }
+        if (quant_layout_of(f, t->rows, t->cols, &l) != 0 || !(qbuf = malloc(l.total))) {
+            snprintf(err, errlen, "%s: cannot allocate %s", fname, qpath);
+            goto done;
+        }
+        hsize_t qd[2] = {t->rows, l.nblk * l.code_bytes}, sd[2] = {t->rows, l.nblk};
+        uint8_t *b = qbuf;
+        snprintf(ds, sizeof ds, "%s/q", qpath);
+        if (read_ds(g, fname, ds, "q", f == QUANT_Q8 ? H5T_STD_I8LE : H5T_STD_U8LE, 2, qd,
+                    b + l.q_off, 1, err, errlen))
+            goto done;
+        snprintf(ds, sizeof ds, "%s/scale", qpath);
+        if (read_ds(g, fname, ds, "scale", f16, 2, sd, b + l.scale_off, 2, err, errlen)) goto done;
+        snprintf(ds, sizeof ds, "%s/min", qpath);
+        if (l.min_bytes && read_ds(g, fname, ds, "min", f16, 2, sd, b + l.min_off, 2, err, errlen))
+            goto done;
+        if (dequant_tensor(f, qbuf, t->rows, t->cols, full) != 0) {
+            snprintf(err, errlen, "%s: /%s cannot be dequantized", fname, qpath);
+            goto done;
+        }
+    } else {
+        hsize_t dims[2] = {t->rows, t->cols};
+        if (read_ds(file, fname, t->name, t->name, H5T_NATIVE_FLOAT, t->ndim, dims, full, 4, err,
+                    errlen))
+            goto done;
+    }
+    if (t->nseg > 0) { /* general selection: row segments x a column range */
+        uint64_t c0 = t->col0, nc = t->ncols ? t->ncols : t->cols;
+        float *dst = t->data;
+        for (int k = 0; k < t->nseg; k++)
+            for (uint64_t r = t->seg_row0[k]; r < t->seg_row0[k] + t->seg_nrows[k]; r++) {
+                memcpy(dst, full + r * t->cols + c0, (size_t)nc * sizeof(float));
+                dst += nc;
+            }
+    } else
+        memcpy(t->data, full + t->row0 * t->cols, (size_t)(t->nrows * t->cols) * sizeof(float));
+    rc = 0;
+done:
+    if (g >= 0) H5Gclose(g);
+    free(qbuf);
+    free(full);
+    return rc;
+}
+
+int qckpt_load_model(MPI_Comm comm, const char *fname, ckpt_tensor *t, int nt, ckpt_meta *meta,
+                     char *err, size_t errlen) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    err[0] = 0;
+    int rc = ckpt_read_meta(fname, meta, err, errlen);
+    hid_t file = -1, f16 = -1;
+    if (rc == 0 && (file = H5Fopen(fname, H5F_ACC_RDONLY, H5P_DEFAULT)) < 0) {
+        snprintf(err, errlen, "%s: cannot open as HDF5", fname);
+        H5Eclear2(H5E_DEFAULT);
+        rc = -1;
+    }
+    if (rc == 0 && H5_CHECK(f16 = fp16_type())) rc = -1;
+    for (int i = 0; rc == 0 && i < nt; i++) rc = load_one(file, f16, fname, &t[i], err, errlen);
+    if (f16 >= 0) H5Tclose(f16);
+    if (file >= 0) H5Fclose(file);
+    int all = 0, bad = rc != 0;
+    MPI_Allreduce(&bad, &all, 1, MPI_INT, MPI_MAX, comm);
+    if (all) {
+        if (!bad) snprintf(err, errlen, "another rank failed reading %s", fname);
+        free(meta->config);
+        meta->config = NULL;
+        return -1;
+    }
+    return 0;
+}
