@@ -87,3 +87,53 @@ unset multiplot
 GP
     echo "plot: $OUT/ckpt.png"
 fi
+
+echo
+echo "== allreduce: every algorithm, adaptive and MPI_Allreduce, 4 B .. 256 MiB at 2, 4, 8 ranks"
+rm -f "$OUT/allreduce.csv"
+for n in 2 4 8; do
+    OMP_NUM_THREADS=1 $MPIRUN -n $n $MPILM bench allreduce --label local-$n \
+        ${AR_ITERS:+--iters $AR_ITERS} --csv "$OUT/allreduce.csv"
+done
+# on the emulated 2-node cluster (root + network namespaces), 2 x 2 ranks at 1 Gbit/s
+if [[ ${AR_EMU:-1} != 0 ]] && ip netns add mpilm-bench-probe$$ >/dev/null 2>&1; then
+    ip netns del mpilm-bench-probe$$
+    export EMU_DIR=/tmp/mpilm-bench-emu EMU_PREFIX=mpilmb EMU_NET=10.213.80 EMU_SLOTS=2
+    trap 'bash tools/emu-cluster.sh down >/dev/null 2>&1 || true' EXIT
+    bash tools/emu-cluster.sh up 2 1gbit
+    OMP_NUM_THREADS=1 bash tools/emu-cluster.sh run -np 4 --per-node 2 -- $PWD/$MPILM bench \
+        allreduce --explain --label emu-1gbit --csv "$PWD/$OUT/allreduce.csv"
+    bash tools/emu-cluster.sh down
+    trap - EXIT
+fi
+if command -v gnuplot >/dev/null; then
+    # busbw (GB/s) per size, one line per algorithm, one panel per run label
+    labels=$(awk -F, 'NR > 1 && !seen[$1]++ { print $1 }' "$OUT/allreduce.csv")
+    nl=$(echo "$labels" | wc -w)
+    for l in $labels; do
+        for a in $(awk -F, -v l="$l" 'NR > 1 && $1 == l && !s[$6]++ { print $6 }' "$OUT/allreduce.csv"); do
+            awk -F, -v l="$l" -v a="$a" 'NR > 1 && $1 == l && $6 == a { print $5, $14 }' \
+                "$OUT/allreduce.csv" >"$OUT/allreduce-$l-$a.dat"
+        done
+    done
+    {
+        echo "set terminal pngcairo size 1200,$((380 * ((nl + 1) / 2)))"
+        echo "set output '$OUT/allreduce.png'"
+        echo "set logscale x 2; set format x '%.0s%cB'; set grid; set key top left font ',8'"
+        echo "set xlabel 'message size'; set ylabel 'busbw GB/s (median)'"
+        echo "set multiplot layout $(((nl + 1) / 2)),2"
+        for l in $labels; do
+            echo "set title '$l: busbw by algorithm (adaptive = selector pick)' noenhanced"
+            plot="plot"
+            for f in "$OUT"/allreduce-"$l"-*.dat; do
+                a=${f#"$OUT/allreduce-$l-"}; a=${a%.dat}
+                w="lines"; [[ $a == adaptive ]] && w="linespoints lw 3"
+                plot+=" '$f' using 1:2 with $w title '$a' noenhanced,"
+            done
+            echo "${plot%,}"
+        done
+        echo "unset multiplot"
+    } | gnuplot
+    rm -f "$OUT"/allreduce-*.dat
+    echo "plot: $OUT/allreduce.png"
+fi

@@ -1,0 +1,146 @@
+/* comm_sel: the adaptive all-reduce selector (`comm.strategy: adaptive`).
+ *
+ * A short collective probe (tens of ms on one node, ~0.5 s over a 1 Gbit/s
+ * link) measures, per link class (inside a node, between nodes), the
+ * ping-pong latency alpha (s/message; 8-byte messages with all ranks paired
+ * at once, as in a collective step, so the cost of ranks sharing cores is
+ * in it) and the inverse bandwidth beta (s/byte; one pair alone, 4 MiB
+ * messages), and the local reduction cost gamma
+ * (s/byte summed, all ranks at once). The alpha-
+ * beta-gamma model of comm/allreduce.h (comm_ar_model_time and
+ * comm_ar_model_time_hier) then predicts every algorithm's time per message
+ * size, and the selector picks the cheapest. Every rank holds bitwise the same
+ * probe numbers (measured on a few ranks, agreed by an exact MAX reduction),
+ * so every rank picks the same algorithm for the same size with no
+ * communication per pick.
+ *
+ * Thresholds (seed style `thresholds: {bandwidth, latency}`, `fallback`): when
+ * the communicator spans nodes and the measured inter-node bandwidth is below
+ * the bandwidth threshold or its latency above the latency threshold, the
+ * fallback algorithm is used for every size where the model predicts it at
+ * most `fallback_slack` times slower than the best (default 1.25); where it
+ * predicts more, the model's best is used and explain says so.
+ *
+ * Online re-selection: comm_sel_record() compares each call's measured time
+ * (max over ranks, agreed in the call) with the prediction; after `after`
+ * consecutive calls off by more than `factor`, all ranks re-probe together
+ * and may switch; the switch is reported through a callback and
+ * comm_sel_last_event().
+ *
+ * Model limits (deliberate): flat algorithms across nodes are costed with the
+ * inter-node alpha/beta, and with beta multiplied by the ranks per node for
+ * the algorithms whose cross-node steps let all ranks of a node send through
+ * the node's link at once (recursive doubling, Rabenseifner, parameter
+ * server); ring and tree are taken to cross it one message at a time. No
+ * contention of oversubscribed cores, no eager/rendezvous protocol switch.
+ *
+ * Not here: the algorithms (comm/allreduce.h), fusion buckets, compression,
+ * parsing of the job file (the caller fills comm_sel_opts).
+ */
+#ifndef MPILM_COMM_SELECT_H
+#define MPILM_COMM_SELECT_H
+
+#include "comm/allreduce.h"
+#include "comm/topo.h"
+
+#include <mpi.h>
+#include <stddef.h>
+#include <stdio.h>
+
+/* Probe results; identical on every rank. */
+typedef struct {
+    double alpha_intra, beta_intra; /* s/message, s/byte between ranks of one node */
+    double alpha_inter, beta_inter; /* between nodes; copies of intra on one node */
+    double gamma;                   /* s/byte of a local float sum */
+    double seconds;                 /* how long the probe took (0 for synthetic) */
+} comm_sel_probe;
+
+/* Rank layout the model uses. */
+typedef struct {
+    int p;     /* ranks */
+    int nodes; /* nodes spanned */
+    int ppn;   /* most ranks on one node */
+} comm_sel_layout;
+
+typedef struct {
+    /* Thresholds on the inter-node link (0: none): bytes/s and seconds. */
+    double bw_threshold, lat_threshold;
+    /* Fallback below the thresholds (table name); NULL: "parameter_server".
+     * "none": thresholds are reported but never switch. */
+    const char *fallback;
+    /* Fallback used where predicted <= slack x best; <= 0: 1.25. */
+    double fallback_slack;
+    /* Candidate algorithm names, NULL-terminated; NULL: all table entries
+     * except "mpi" (which the model cannot tell from ring/RD/Rabenseifner). */
+    const char *const *algos;
+    /* Node of every rank, same array on all ranks (must match what comm_ar
+     * uses for hierarchical); NULL: comm_topo_groups(topo). */
+    const int *node_of_rank;
+    comm_topo_method topo;
+    /* Synthetic probe: no measurement, these numbers (tests, what-if). */
+    const comm_sel_probe *probe;
+    /* Re-selection: off by more than factor (<= 1: 2.0) for `after` (<= 0:
+     * 3) consecutive recorded calls. */
+    double factor;
+    int after;
+    /* Called on every rank with a one-line message (no newline) after each
+     * re-probe; NULL: none. Print it on one rank. */
+    void (*on_event)(void *ud, const char *msg);
+    void *ud;
+} comm_sel_opts;
+
+typedef struct comm_sel comm_sel;
+
+/* Collective over comm (the communicator `ar` was created on): finds the
+ * node groups and probes (unless opts->probe). opts may be NULL. Returns 0 or
+ * a negative COMM_ERR_*; on error *out is NULL. */
+int comm_sel_create(MPI_Comm comm, comm_ar *ar, const comm_sel_opts *opts, comm_sel **out);
+/* Collective (frees the communicator dup). NULL-safe. */
+void comm_sel_destroy(comm_sel *sel);
+
+/* Local. The algorithm for an all-reduce of `bytes` bytes; the same on every
+ * rank. For hierarchical it also sets ar's inter-node algorithm
+ * (comm_ar_set_inter) to the one the model chose. Never NULL. */
+const comm_ar_algo *comm_sel_pick(comm_sel *sel, size_t bytes);
+/* Local. Name of the choice for `bytes`, e.g. "rabenseifner" or
+ * "hierarchical(ring)"; written to buf (returned). Predicted seconds in *t. */
+const char *comm_sel_choice(const comm_sel *sel, size_t bytes, char *buf, size_t len, double *t);
+
+/* Collective: every rank calls it after the same all-reduce with its own
+ * measured seconds (the max over ranks is agreed inside, one MPI_Allreduce
+ * of a double). Returns 1 when it re-probed (the event text is then in
+ * comm_sel_last_event and was passed to on_event), 0 when not, < 0 on error. */
+int comm_sel_record(comm_sel *sel, size_t bytes, double seconds);
+/* Collective: probe again now (as comm_sel_record does when triggered). */
+int comm_sel_reprobe(comm_sel *sel, const char *why);
+
+/* Local queries. */
+const comm_sel_probe *comm_sel_get_probe(const comm_sel *sel);
+const comm_sel_layout *comm_sel_get_layout(const comm_sel *sel);
+const char *comm_sel_last_event(const comm_sel *sel); /* "" if none */
+int comm_sel_n_reprobes(const comm_sel *sel);
+/* 1 when the thresholds put the selector in fallback mode. */
+int comm_sel_degraded(const comm_sel *sel);
+
+/* Local. Prints the probe, the thresholds, the model's table of predicted
+ * times per algorithm for 4 B .. 256 MiB (powers of two) and the choice per
+ * size. Call it on one rank. */
+void comm_sel_explain(const comm_sel *sel, FILE *f);
+
+/* Local, pure: predicted seconds of `name` ("hierarchical" with the given
+ * inter-node algorithm, NULL: best one) for a probe and layout; < 0 for an
+ * unknown name. Used by the selector and by tests. */
+double comm_sel_predict(const comm_sel_probe *pr, const comm_sel_layout *lay, const char *name,
+                        const char *inter, size_t bytes);
+
+/* Local, pure: the selection for a probe and layout under opts (only the
+ * thresholds, fallback, slack and algos fields are used); writes the name
+ * (as comm_sel_choice) to buf, the prediction to *t (may be NULL). */
+const char *comm_sel_best(const comm_sel_probe *pr, const comm_sel_layout *lay,
+                          const comm_sel_opts *opts, size_t bytes, char *buf, size_t len,
+                          double *t);
+
+/* Local: "1.5 KiB", "64 MiB" (powers of two) into buf. */
+const char *comm_sel_fmt_bytes(size_t bytes, char *buf, size_t len);
+
+#endif
