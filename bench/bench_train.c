@@ -9,8 +9,46 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* One run of job c at layout tp x pp with m micro-batches per pipeline
+ * (m = 0: the job's own global batch). Prints and appends a CSV row. */
+static int run_one(MPI_Comm comm, job_config c, int tp, int pp, int m, const char *csv) {
+    int rank, world;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &world);
+    if (world % (tp * pp)) return 0; /* layout does not fit this rank count */
+    int dp = world / (tp * pp);
+    c.parallel.tp = tp;
+    c.parallel.pp = pp;
+    c.parallel.microbatches = 0;
+    if (m > 0) c.train.global_batch = c.train.micro_batch * dp * m;
+    char err[1024];
+    if (config_check_layout(&c, world, err, sizeof err)) {
+        if (rank == 0) printf("  skip tp=%d pp=%d: %s\n", tp, pp, err);
+        return 0;
+    }
+    m = c.train.global_batch / (c.train.micro_batch * dp);
+    train_result r;
+    if (train_run(comm, &c, 1, NULL, &r)) return 1;
+    double pred = (double)(pp - 1) / (m + pp - 1);
+    if (rank == 0) {
+        printf("  dp=%d tp=%d pp=%d m=%-3d %9.1f ms/step %9.0f tokens/s  MFU %5.1f%%  bubble %5.1f%% "
+               "(predicted %5.1f%%)  loss %.4f\n",
+               dp, tp, pp, m, r.step_ms, r.tokens_per_s, 100 * r.mfu, 100 * r.bubble, 100 * pred,
+               r.final_loss);
+        FILE *f = csv ? bench_csv_open(csv, "job,ranks,dp,tp,pp,microbatches,step_ms,tokens_per_s,"
+                                            "mfu,peak_gflops,bubble,bubble_predicted")
+                      : NULL;
+        if (f) {
+            fprintf(f, "%s,%d,%d,%d,%d,%d,%.2f,%.1f,%.4f,%.1f,%.4f,%.4f\n", c.file, world, dp, tp,
+                    pp, m, r.step_ms, r.tokens_per_s, r.mfu, r.peak_gflops, r.bubble, pred);
+            fclose(f);
+        }
+    }
+    return 0;
+}
+
 int bench_train(int argc, char **argv, MPI_Comm comm) {
-    const char *job = "jobs/small.yaml", *csv = NULL;
+    const char *job = "jobs/small.yaml", *csv = NULL, *layouts = "1x1", *mbs = "0";
     const char *sets[64];
     int nsets = 0, steps = 10, rank, world;
     MPI_Comm_rank(comm, &rank);
@@ -19,11 +57,16 @@ int bench_train(int argc, char **argv, MPI_Comm comm) {
         if (!strcmp(argv[i], "--job") && i + 1 < argc) job = argv[++i];
         else if (!strcmp(argv[i], "--csv") && i + 1 < argc) csv = argv[++i];
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--layouts") && i + 1 < argc) layouts = argv[++i];
+        else if (!strcmp(argv[i], "--microbatches") && i + 1 < argc) mbs = argv[++i];
         else if (!strcmp(argv[i], "--set") && i + 1 < argc && nsets < 60) sets[nsets++] = argv[++i];
         else {
             if (rank == 0)
-                printf("usage: mpilm bench train [--job JOB.yaml] [--steps N] [--set k=v]... "
-                       "[--csv FILE]\n");
+                printf("usage: mpilm bench train [--job JOB.yaml] [--steps N] [--layouts TPxPP,...]\n"
+                       "                         [--microbatches M,...] [--set k=v]... [--csv FILE]\n"
+                       "tokens/s, MFU and the measured pipeline bubble next to (p-1)/(m+p-1), for\n"
+                       "each layout (tp x pp; dp = ranks / (tp*pp)) and micro-batch count m per\n"
+                       "pipeline (0: the job's global batch). Default job jobs/small.yaml.\n");
             return strcmp(argv[i], "--help") ? 2 : 0;
         }
     }
@@ -37,18 +80,18 @@ int bench_train(int argc, char **argv, MPI_Comm comm) {
     int rc = config_load(&c, job, sets, nsets, err, sizeof err);
     if (spmd_agree(comm, rc, "mpilm bench train", err)) return 1;
     snprintf(c.log.dir, sizeof c.log.dir, "%s", "/tmp/mpilm-bench-train");
-    train_result r;
-    if (train_run(comm, &c, 1, NULL, &r)) return 1;
-    if (rank == 0) {
-        printf("bench train: %s | %d ranks | %.1f ms/step | %.0f tokens/s | MFU %.1f%% of "
-               "measured sgemm peak %.1f GFLOP/s | loss %.4f\n",
-               job, world, r.step_ms, r.tokens_per_s, 100 * r.mfu, r.peak_gflops, r.final_loss);
-        FILE *f = csv ? bench_csv_open(csv, "job,ranks,step_ms,tokens_per_s,mfu,peak_gflops") : NULL;
-        if (f) {
-            fprintf(f, "%s,%d,%.2f,%.1f,%.4f,%.1f\n", job, world, r.step_ms, r.tokens_per_s, r.mfu,
-                    r.peak_gflops);
-            fclose(f);
+    if (rank == 0) printf("bench train: %s | %d ranks | %d steps (timing from step 2)\n", job, world, steps);
+    char lay[256], mb[256];
+    snprintf(lay, sizeof lay, "%s", layouts);
+    for (char *sl = NULL, *l = strtok_r(lay, ",", &sl); l; l = strtok_r(NULL, ",", &sl)) {
+        int tp = 1, pp = 1;
+        if (sscanf(l, "%dx%d", &tp, &pp) != 2 || tp < 1 || pp < 1) {
+            if (rank == 0) fprintf(stderr, "mpilm bench train: bad layout '%s' (want TPxPP)\n", l);
+            return 2;
         }
+        snprintf(mb, sizeof mb, "%s", mbs);
+        for (char *sm = NULL, *m = strtok_r(mb, ",", &sm); m; m = strtok_r(NULL, ",", &sm))
+            if (run_one(comm, c, tp, pp, atoi(m), csv)) return 1;
     }
     return 0;
 }

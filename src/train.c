@@ -302,7 +302,9 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
                kern_blas_corename(), peak);
         fflush(stdout);
     }
-    double t_run = spmd_now(), sum_ms = 0, sum_tps = 0;
+    /* bubble: idle time of a stage during the pipelined part of a step, i.e.
+     * the slowest stage's pipeline time minus this stage's compute */
+    double t_run = spmd_now(), sum_ms = 0, sum_tps = 0, sum_idle = 0, sum_phase = 0;
     int timed = 0;
     float dscale = (float)(1.0 / tokens_per_step);
     for (int s = start; s < steps; s++) {
@@ -316,7 +318,9 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
         pipe_times tm = {0};
         double tp0 = gpt_tp_comm_seconds(t.g);
         double loss_sum = pipe_train_step(t.pipe, &t.train, base, dscale, &tm);
-        double t1 = spmd_now();
+        double t1 = spmd_now(), phase = t1 - t0;
+        if (t.grid.pp > 1) MPI_Allreduce(MPI_IN_PLACE, &phase, 1, MPI_DOUBLE, MPI_MAX, t.grid.pp_comm);
+        double idle = t.grid.pp > 1 ? phase - tm.fwd_s - tm.bwd_s : 0;
         uint64_t sent0 = comm_ar_bytes_sent(t.ar);
         sum_tied_embedding(&t);
         rc = t.algo->fn(t.ar, gpt_grads(t.g), gpt_nparams(t.g), COMM_SUM);
@@ -337,6 +341,8 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
         double dt = spmd_now() - t0, tps = tokens_per_step / dt;
         double mfu = peak > 0 ? tps * fpt / (peak * 1e9) : 0;
         if (s > start) { /* the first step pays for allocation and warm-up */
+            sum_idle += idle;
+            sum_phase += phase;
             sum_ms += dt * 1e3;
             sum_tps += tps;
             timed++;
@@ -359,7 +365,8 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
             if (val_due) metrics_num(m, "val_loss", val);
             metrics_num(m, "fwd_ms", tm.fwd_s * 1e3);
             metrics_num(m, "bwd_ms", tm.bwd_s * 1e3);
-            metrics_num(m, "bubble_ms", tm.wait_s * 1e3);
+            metrics_num(m, "bubble_ms", idle * 1e3);
+            metrics_num(m, "recv_wait_ms", tm.wait_s * 1e3);
             metrics_num(m, "comm_ms", comm_s * 1e3);
             metrics_int(m, "bytes_sent", (long long)(comm_ar_bytes_sent(t.ar) - sent0));
             metrics_str(m, "algorithm", t.algo->name);
@@ -392,6 +399,9 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
         }
     }
     if (rc == 0 && t.async) rc = save_wait(&t); /* the last save must be complete */
+    double frac = sum_phase > 0 ? sum_idle / sum_phase : 0;
+    MPI_Allreduce(&frac, &res->bubble, 1, MPI_DOUBLE, MPI_SUM, comm);
+    res->bubble /= t.world;
     if (timed) {
         res->step_ms = sum_ms / timed;
         res->tokens_per_s = sum_tps / timed;

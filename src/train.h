@@ -19,6 +19,7 @@ typedef struct {
     double final_loss, final_val_loss; /* val_loss < 0 when not evaluated */
     double tokens_per_s, mfu, step_ms; /* averages over steps after the first */
     double peak_gflops;                /* measured sgemm peak, all ranks */
+    double bubble; /* idle share of the pipelined part of a step, mean over ranks */
     int preempted;
 } train_result;
 
