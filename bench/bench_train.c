@@ -3,11 +3,14 @@
  * against the sgemm peak measured on the same ranks in the same run. */
 #include "bench/bench.h"
 
+#include "io/fsutil.h"
+
 #include "src/spmd.h"
 #include "src/train.h"
 
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* One run of job c at layout tp x pp with m micro-batches per pipeline
  * (m = 0: the job's own global batch). Prints and appends a CSV row. */
@@ -79,7 +82,8 @@ int bench_train(int argc, char **argv, MPI_Comm comm) {
     char err[1024];
     int rc = config_load(&c, job, sets, nsets, err, sizeof err);
     if (spmd_agree(comm, rc, "mpilm bench train", err)) return 1;
-    snprintf(c.log.dir, sizeof c.log.dir, "%s", "/tmp/mpilm-bench-train");
+    /* per process: concurrent benchmarks on one node must not share files */
+    snprintf(c.log.dir, sizeof c.log.dir, "/tmp/mpilm-bench-train.%d", (int)getpid());
     if (rank == 0) printf("bench train: %s | %d ranks | %d steps (timing from step 2)\n", job, world, steps);
     char lay[256], mb[256];
     snprintf(lay, sizeof lay, "%s", layouts);
@@ -91,7 +95,9 @@ int bench_train(int argc, char **argv, MPI_Comm comm) {
         }
         snprintf(mb, sizeof mb, "%s", mbs);
         for (char *sm = NULL, *m = strtok_r(mb, ",", &sm); m; m = strtok_r(NULL, ",", &sm))
-            if (run_one(comm, c, tp, pp, atoi(m), csv)) return 1;
+            if ((rc = run_one(comm, c, tp, pp, atoi(m), csv))) break;
+        if (rc) break;
     }
-    return 0;
+    if (rank == 0) fs_rm_rf(c.log.dir);
+    return rc ? 1 : 0;
 }

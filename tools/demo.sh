@@ -22,4 +22,34 @@ ls runs/tiny/ckpt; echo "latest -> $(cat runs/tiny/ckpt/latest)"
 step "4. evaluate the final checkpoint on the validation split"
 $MPIRUN -n "$RANKS" $MPILM eval --ckpt runs/tiny/ckpt --data data/demo --batches 16
 
+
+step "5. the Slurm path: slurm/train.sbatch on a one-node local Slurm cluster (4 ranks, 50 steps)"
+# Falls back to mpirun when the local cluster cannot start here (no root,
+# no slurm-wlm/munge). A cluster that was already up is used and left up.
+SLURM_ARGS=(jobs/tiny.yaml --set train.steps=50 --set train.micro_batch=4
+    --set log.dir=runs/tiny-slurm --set checkpoint.dir=runs/tiny-slurm/ckpt)
+rm -rf runs/tiny-slurm
+slurm_started=0
+if slurm/local-cluster.sh status >/dev/null 2>&1; then
+    slurm_up=1
+elif [[ $EUID -eq 0 ]] && command -v slurmctld >/dev/null && slurm/local-cluster.sh up >runs/local-cluster-up.log 2>&1; then
+    slurm_up=1 slurm_started=1
+else
+    slurm_up=0
+fi
+if [[ $slurm_up -eq 1 ]]; then
+    eval "$(slurm/local-cluster.sh env)"
+    echo "local Slurm cluster is up: sbatch -N 1 -n 4 --overcommit slurm/train.sbatch ${SLURM_ARGS[*]}"
+    rc=0
+    sbatch --wait -N 1 -n 4 --overcommit -o runs/tiny-slurm.out slurm/train.sbatch "${SLURM_ARGS[@]}" || rc=$?
+    grep -E '^(train.sbatch|step +50|done|checkpoint)' runs/tiny-slurm.out || true
+    [[ $slurm_started -eq 0 ]] || slurm/local-cluster.sh down >/dev/null 2>&1 || true
+    [[ $rc -eq 0 ]] || { echo "the Slurm job failed (exit $rc): see runs/tiny-slurm.out"; exit 1; }
+    echo "job output: runs/tiny-slurm.out; metrics: runs/tiny-slurm/metrics.jsonl"
+else
+    echo "the local Slurm cluster cannot start here (it needs root, slurm-wlm and munge;"
+    echo "runs/local-cluster-up.log has its output if it tried); running the same job with mpirun"
+    $MPIRUN -n 4 $MPILM train "${SLURM_ARGS[@]}"
+fi
+
 printf '\nDemo done. Metrics: runs/tiny/metrics.jsonl, runs/tiny/metrics.prom\n'
