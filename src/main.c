@@ -8,6 +8,7 @@
 #include "src/data.h"
 #include "src/eval.h"
 #include "src/quantize.h"
+#include "src/serve.h"
 #include "src/train.h"
 
 #include <mpi.h>
@@ -33,6 +34,7 @@ static void usage(FILE *f) {
             "  eval --ckpt CKPT --data DIR [...]        validation loss and perplexity\n"
             "  ckpt ls|latest|verify|inspect PATH       checkpoint tools\n"
             "  quantize --ckpt CKPT --out OUT --format F  8/4-bit quantized checkpoint\n"
+            "  serve --ckpt CKPT --prompts IN.jsonl --out OUT.jsonl  generate text (batch mode)\n"
             "  bench gemm|train|ckpt [options]          benchmarks (CSV with --csv)\n\n"
             "Every command has --help. Environment: OMP_NUM_THREADS (threads per rank),\n"
             "MPILM_BLAS_FIX=auto|off|force (replace a misdetected OpenBLAS kernel).\n",
@@ -74,7 +76,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "data")) return data_prepare_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "ckpt")) return ckpt_cmd_main(argc - 1, argv + 1);
     int known = !strcmp(cmd, "train") || !strcmp(cmd, "eval") || !strcmp(cmd, "bench") ||
-                !strcmp(cmd, "quantize");
+                !strcmp(cmd, "quantize") || !strcmp(cmd, "serve");
     if (!known) {
         fprintf(stderr, "mpilm: unknown command '%s' (see mpilm --help)\n", cmd);
         return 2;
@@ -100,6 +102,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "train")) rc = train_main(argc - 1, argv + 1, comm, &stop_flag);
     else if (!strcmp(cmd, "eval")) rc = eval_main(argc - 1, argv + 1, comm);
     else if (!strcmp(cmd, "quantize")) rc = quantize_main(argc - 1, argv + 1, comm);
+    else if (!strcmp(cmd, "serve")) rc = serve_main(argc - 1, argv + 1, comm);
     else rc = bench_main(argc - 1, argv + 1, comm);
 
     /* Subcommands agree on errors (spmd_agree), so every rank gets here; the
