@@ -2,6 +2,7 @@
 #include "src/ckpt_cmd.h"
 
 #include "io/ckpt.h"
+#include "io/qckpt.h"
 #include "src/config.h"
 #include "src/gptio.h"
 
@@ -87,8 +88,10 @@ static int cmd_ls(const char *dir) {
     return 0;
 }
 
-/* Model-level check: every tensor of the stored config's model is there. */
-static int check_model(const char *file, const ckpt_meta *m) {
+/* Model-level check: every tensor of the stored config's model is there
+ * (for a quantized checkpoint: loads it, which checks shapes and checksums
+ * of every /qmodel block and float tensor, and dequantizes). */
+static int check_model(const char *file, const ckpt_meta *m, int quantized) {
     job_config cfg;
     char err[1024];
     if (config_load_text(&cfg, file, m->config, err, sizeof err)) {
@@ -100,9 +103,15 @@ static int check_model(const char *file, const ckpt_meta *m) {
         printf("%s: cannot build the stored model\n", file);
         return 1;
     }
-    int nt = 0;
-    ckpt_tensor *t = gptio_tensor_list(g, 1, &nt);
-    int problems = t ? ckpt_check_shapes(file, t, nt, stdout) : 1;
+    int nt = 0, problems = 1;
+    ckpt_tensor *t = gptio_tensor_list(g, !quantized, &nt);
+    if (t && quantized) {
+        ckpt_meta qm;
+        problems = qckpt_load_model(MPI_COMM_SELF, file, t, nt, &qm, err, sizeof err) != 0;
+        if (problems) printf("%s\n", err);
+        else free(qm.config);
+    } else if (t)
+        problems = ckpt_check_shapes(file, t, nt, stdout);
     gptio_free_list(t, nt);
     gpt_destroy(g);
     return problems != 0;
@@ -121,8 +130,12 @@ static int cmd_verify(const char *path, int inspect) {
                "layout       dp=%d tp=%d pp=%d\noptim_t      %lld\nseed         %lld\n\ntensors:\n",
                file, CKPT_FORMAT, CKPT_FORMAT_VERSION, m.step, m.tokens_seen, m.layout[0],
                m.layout[1], m.layout[2], m.optim_t, m.seed);
-    int bad = check_model(file, &m);
-    int problems = ckpt_verify(file, stdout, inspect);
+    int quantized = qckpt_is_quantized(file) == 1;
+    int bad = check_model(file, &m, quantized);
+    /* the generic pass checks float32 datasets; quantized blocks were
+     * checked by the quantized loader above */
+    int problems = quantized ? 0 : ckpt_verify(file, stdout, inspect);
+    if (quantized && inspect) printf("  (quantized checkpoint: blocks under /qmodel, verified by loading)\n");
     if (inspect) printf("\nconfig:\n%s", m.config);
     free(m.config);
     if (problems != 0 || bad) {
@@ -133,7 +146,7 @@ static int cmd_verify(const char *path, int inspect) {
     return 0;
 }
 
-int ckpt_cmd_main(int argc, char **argv) {
+static int run(int argc, char **argv) {
     if (argc == 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
         usage(stdout);
         return 0;
@@ -166,4 +179,12 @@ int ckpt_cmd_main(int argc, char **argv) {
     }
     usage(stderr);
     return 2;
+}
+
+int ckpt_cmd_main(int argc, char **argv, MPI_Comm comm) {
+    int rank, rc = 0;
+    MPI_Comm_rank(comm, &rank);
+    if (rank == 0) rc = run(argc, argv);
+    MPI_Bcast(&rc, 1, MPI_INT, 0, comm);
+    return rc;
 }

@@ -74,8 +74,8 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "data")) return data_prepare_main(argc - 1, argv + 1);
-    if (!strcmp(cmd, "ckpt")) return ckpt_cmd_main(argc - 1, argv + 1);
     int known = !strcmp(cmd, "train") || !strcmp(cmd, "eval") || !strcmp(cmd, "bench") ||
+                !strcmp(cmd, "ckpt") ||
                 !strcmp(cmd, "quantize") || !strcmp(cmd, "serve");
     if (!known) {
         fprintf(stderr, "mpilm: unknown command '%s' (see mpilm --help)\n", cmd);
@@ -101,6 +101,7 @@ int main(int argc, char **argv) {
 
     if (!strcmp(cmd, "train")) rc = train_main(argc - 1, argv + 1, comm, &stop_flag);
     else if (!strcmp(cmd, "eval")) rc = eval_main(argc - 1, argv + 1, comm);
+    else if (!strcmp(cmd, "ckpt")) rc = ckpt_cmd_main(argc - 1, argv + 1, comm);
     else if (!strcmp(cmd, "quantize")) rc = quantize_main(argc - 1, argv + 1, comm);
     else if (!strcmp(cmd, "serve")) rc = serve_main(argc - 1, argv + 1, comm);
     else rc = bench_main(argc - 1, argv + 1, comm);

@@ -165,3 +165,13 @@ if quant 2 nf4 "$TMP/cut" --fault-rank 1 --fault-after 5 >/dev/null 2>&1; then d
 quant 2 nf4 "$TMP/cut" >/dev/null || die "rerun after an interrupted run failed"
 [[ $(cat "$TMP/cut/latest") == step-00000060 && ! -e $TMP/cut/step-00000060.tmp ]] || die "rerun left $(ls "$TMP/cut")"
 echo "bad input refused; interrupted runs leave no visible output"
+
+# `mpilm ckpt verify` understands quantized checkpoints and finds a flipped code byte
+"$MPILM" ckpt verify "$TMP/cut" >"$TMP/v.out" || { cat "$TMP/v.out"; die "verify rejects a good quantized checkpoint"; }
+$PY -c "
+import h5py, sys
+f = h5py.File(sys.argv[1], 'r+'); d = f['qmodel/h.0.mlp.fc.weight/q']; a = d[...]; a.flat[0] ^= 0x11; d[...] = a
+" "$TMP/cut/step-00000060/checkpoint.h5"
+if "$MPILM" ckpt verify "$TMP/cut" >"$TMP/v.out"; then die "verify accepted a corrupt quantized block"; fi
+grep -q "qmodel/h.0.mlp.fc.weight/q is corrupt" "$TMP/v.out" || { cat "$TMP/v.out"; die "verify does not name the block"; }
+echo "ckpt verify: quantized checkpoints verified, a corrupt block named"
