@@ -9,6 +9,7 @@
 #include "io/ckpt.h"
 
 #include "io/fsutil.h"
+#include "io/h5util.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -23,30 +24,6 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
-
-/* HDF5 failure: message with file:line, the call and HDF5's own description. */
-typedef struct {
-    char *buf;
-    size_t len;
-} h5_msg;
-
-static herr_t h5_walk(unsigned n, const H5E_error2_t *e, void *data) {
-    h5_msg *m = data;
-    if (n == 0 && e->desc) { /* innermost error: the most specific reason */
-        size_t used = strlen(m->buf);
-        snprintf(m->buf + used, m->len - used, ": %s", e->desc);
-    }
-    return 0;
-}
-
-static int h5_fail(const char *what, const char *file, int line, char *err, size_t len) {
-    snprintf(err, len, "%s:%d: %s failed", file, line, what);
-    h5_msg m = {err, len};
-    H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, h5_walk, &m);
-    H5Eclear2(H5E_DEFAULT);
-    return -1;
-}
-#define H5_CHECK(call) ((call) < 0 ? h5_fail(#call, __FILE__, __LINE__, err, errlen) : 0)
 
 uint64_t ckpt_hash(const float *x, size_t n, uint64_t first) {
     uint64_t s = 0;
@@ -122,65 +99,6 @@ static void io_part(uint64_t rows, int r, int p, uint64_t *lo, uint64_t *hi) {
     *hi = rows * (uint64_t)(r + 1) / (uint64_t)p;
 }
 
-static hid_t make_fapl(MPI_Comm comm) {
-    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
-    if (fapl < 0) return fapl;
-    if (H5Pset_fapl_mpio(fapl, comm, MPI_INFO_NULL) < 0 ||
-        H5Pset_all_coll_metadata_ops(fapl, 1) < 0 || H5Pset_coll_metadata_write(fapl, 1) < 0 ||
-        H5Pset_alignment(fapl, 64 * 1024, 1024 * 1024) < 0) {
-        H5Pclose(fapl);
-        return -1;
-    }
-    return fapl;
-}
-
-static int attr_write(hid_t obj, const char *name, hid_t ftype, hid_t mtype, int n,
-                      const void *v) {
-    hsize_t dim = (hsize_t)n;
-    hid_t sp = n == 1 ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &dim, NULL);
-    hid_t a = sp < 0 ? -1 : H5Acreate2(obj, name, ftype, sp, H5P_DEFAULT, H5P_DEFAULT);
-    int rc = (a < 0 || H5Awrite(a, mtype, v) < 0) ? -1 : 0;
-    if (a >= 0) H5Aclose(a);
-    if (sp >= 0) H5Sclose(sp);
-    return rc;
-}
-
-static int attr_write_str(hid_t obj, const char *name, const char *s) {
-    hid_t t = H5Tcopy(H5T_C_S1);
-    int rc = -1;
-    if (t >= 0 && H5Tset_size(t, strlen(s) + 1) >= 0 && H5Tset_strpad(t, H5T_STR_NULLTERM) >= 0)
-        rc = attr_write(obj, name, t, t, 1, s);
-    if (t >= 0) H5Tclose(t);
-    return rc;
-}
-
-static int attr_read(hid_t obj, const char *name, hid_t mtype, void *v) {
-    if (H5Aexists(obj, name) <= 0) return -1;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    int rc = (a < 0 || H5Aread(a, mtype, v) < 0) ? -1 : 0;
-    if (a >= 0) H5Aclose(a);
-    return rc;
-}
-
-static char *attr_read_str(hid_t obj, const char *name) {
-    if (H5Aexists(obj, name) <= 0) return NULL;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT), ft = a < 0 ? -1 : H5Aget_type(a);
-    char *s = NULL;
-    if (ft >= 0 && H5Tget_class(ft) == H5T_STRING && !H5Tis_variable_str(ft)) {
-        size_t n = H5Tget_size(ft);
-        hid_t mt = H5Tcopy(ft);
-        s = calloc(n + 1, 1);
-        if (s && H5Aread(a, mt, s) < 0) {
-            free(s);
-            s = NULL;
-        }
-        H5Tclose(mt);
-    }
-    if (ft >= 0) H5Tclose(ft);
-    if (a >= 0) H5Aclose(a);
-    return s;
-}
-
 int ckpt_clean_tmp(const char *dir) {
     DIR *d = opendir(dir);
     if (!d) return 0;
@@ -227,15 +145,6 @@ static void retain(const char *dir, int keep_last, int keep_every) {
     }
 }
 
-/* Collective: -1 on every rank if rc failed on any. A rank that saw no error
- * itself says so in err, so each rank has a message. */
-static int agree(MPI_Comm comm, int rc, char *err, size_t errlen) {
-    int bad = rc != 0, any = 0;
-    MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, comm);
-    if (any && !bad) snprintf(err, errlen, "another rank failed writing the checkpoint");
-    return any ? -1 : 0;
-}
-
 /* Collective. Every phase ends in agreement, so a rank that fails (a full
  * disk, say) never leaves the others waiting in the next collective call. */
 static int write_tensor(hid_t file, hid_t lcpl, hid_t dxpl, const ckpt_tensor *t, MPI_Comm comm,
@@ -249,16 +158,16 @@ static int write_tensor(hid_t file, hid_t lcpl, hid_t dxpl, const ckpt_tensor *t
                                       H5P_DEFAULT)) &&
              !H5_CHECK(ms = H5Screate_simple(1, &one, NULL)) && !H5_CHECK(sel_h5(t, sp));
     if (ok && !n) ok = !H5_CHECK(H5Sselect_none(ms));
-    if (agree(comm, !ok, err, errlen)) goto done;
+    if (h5u_agree(comm, !ok, err, errlen)) goto done;
     ok = !H5_CHECK(H5Dwrite(d, H5T_NATIVE_FLOAT, ms, sp, dxpl, t->data));
-    if (agree(comm, !ok, err, errlen)) goto done;
+    if (h5u_agree(comm, !ok, err, errlen)) goto done;
     H5D_mpio_actual_io_mode_t mode;
     if (H5Pget_mpio_actual_io_mode(dxpl, &mode) >= 0 && mode == H5D_MPIO_NO_COLLECTIVE)
         (*independent)++;
     uint64_t part = sel_hash(t, t->data), sum = 0;
     MPI_Allreduce(&part, &sum, 1, MPI_UINT64_T, MPI_SUM, comm);
-    ok = !H5_CHECK(attr_write(d, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, 1, &sum));
-    rc = agree(comm, !ok, err, errlen);
+    ok = !H5_CHECK(h5u_attr_write(d, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, 1, &sum));
+    rc = h5u_agree(comm, !ok, err, errlen);
 done:
     if (ms >= 0) H5Sclose(ms);
     if (d >= 0) H5Dclose(d);
@@ -300,9 +209,9 @@ int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     hid_t fapl = -1, file = -1, lcpl = -1, dxpl = -1;
     rc = -1;
-    if (H5_CHECK(fapl = make_fapl(comm))) goto close;
+    if (H5_CHECK(fapl = h5u_fapl(comm))) goto close;
     file = H5Fcreate(path, H5F_ACC_EXCL, H5P_DEFAULT, fapl);
-    if (agree(comm, file < 0 ? h5_fail("H5Fcreate", __FILE__, __LINE__, err, errlen) : 0, err,
+    if (h5u_agree(comm, file < 0 ? h5u_fail("H5Fcreate", __FILE__, __LINE__, err, errlen) : 0, err,
               errlen))
         goto close;
     if (H5_CHECK(lcpl = H5Pcreate(H5P_LINK_CREATE)) ||
@@ -321,16 +230,16 @@ int ckpt_save(MPI_Comm comm, const char *dir, const ckpt_tensor *t, int nt,
         }
     }
     long long ver = CKPT_FORMAT_VERSION;
-    int bad = H5_CHECK(attr_write_str(file, "format", CKPT_FORMAT)) ||
-        H5_CHECK(attr_write(file, "format_version", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &ver)) ||
-        H5_CHECK(attr_write(file, "step", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->step)) ||
-        H5_CHECK(attr_write(file, "tokens_seen", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1,
+    int bad = H5_CHECK(h5u_attr_write_str(file, "format", CKPT_FORMAT)) ||
+        H5_CHECK(h5u_attr_write(file, "format_version", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &ver)) ||
+        H5_CHECK(h5u_attr_write(file, "step", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->step)) ||
+        H5_CHECK(h5u_attr_write(file, "tokens_seen", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1,
                             &meta->tokens_seen)) ||
-        H5_CHECK(attr_write(file, "layout", H5T_STD_I32LE, H5T_NATIVE_INT, 3, meta->layout)) ||
-        H5_CHECK(attr_write(file, "optim_t", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->optim_t)) ||
-        H5_CHECK(attr_write(file, "seed", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->seed)) ||
-        H5_CHECK(attr_write_str(file, "config", meta->config ? meta->config : ""));
-    if (agree(comm, bad, err, errlen)) goto close;
+        H5_CHECK(h5u_attr_write(file, "layout", H5T_STD_I32LE, H5T_NATIVE_INT, 3, meta->layout)) ||
+        H5_CHECK(h5u_attr_write(file, "optim_t", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->optim_t)) ||
+        H5_CHECK(h5u_attr_write(file, "seed", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->seed)) ||
+        H5_CHECK(h5u_attr_write_str(file, "config", meta->config ? meta->config : ""));
+    if (h5u_agree(comm, bad, err, errlen)) goto close;
     rc = 0;
 close:
     if (dxpl >= 0) H5Pclose(dxpl);
@@ -347,7 +256,7 @@ close:
         }
         return CKPT_ERR_FATAL;
     }
-    if (file >= 0 && H5Fclose(file) < 0 && rc == 0) rc = h5_fail("H5Fclose", __FILE__, __LINE__, err, errlen);
+    if (file >= 0 && H5Fclose(file) < 0 && rc == 0) rc = h5u_fail("H5Fclose", __FILE__, __LINE__, err, errlen);
     if (rc && !strstr(err, path)) { /* name the file in every message */
         char why[1024];
         snprintf(why, sizeof why, "%s", err);
@@ -469,7 +378,7 @@ static int read_tensor(hid_t file, hid_t dxpl, ckpt_tensor *t, MPI_Comm comm, co
     if (H5_CHECK(H5Dread(d, H5T_NATIVE_FLOAT, ms, sp, dxpl, part))) goto done;
     uint64_t want = 0, mine = ckpt_hash(part, (size_t)n, lo * cols), sum = 0;
     MPI_Allreduce(&mine, &sum, 1, MPI_UINT64_T, MPI_SUM, comm);
-    if (attr_read(d, "checksum", H5T_NATIVE_UINT64, &want) != 0) {
+    if (h5u_attr_read(d, "checksum", H5T_NATIVE_UINT64, &want) != 0) {
         snprintf(err, errlen, "%s: dataset /%s has no checksum attribute", fname, t->name);
         goto done;
     }
@@ -559,25 +468,25 @@ done:
 
 static int read_meta(hid_t file, const char *fname, ckpt_meta *meta, char *err, size_t errlen) {
     long long ver = 0;
-    char *fmt = attr_read_str(file, "format");
+    char *fmt = h5u_attr_read_str(file, "format");
     int ok = fmt && strcmp(fmt, CKPT_FORMAT) == 0;
     if (!ok)
         snprintf(err, errlen, "%s: not an mpilm checkpoint (format attribute is '%s')", fname,
                  fmt ? fmt : "missing");
     free(fmt);
     if (!ok) return -1;
-    if (attr_read(file, "format_version", H5T_NATIVE_LLONG, &ver) != 0 ||
+    if (h5u_attr_read(file, "format_version", H5T_NATIVE_LLONG, &ver) != 0 ||
         ver != CKPT_FORMAT_VERSION) {
         snprintf(err, errlen, "%s: unsupported checkpoint format_version %lld (this build reads %d)",
                  fname, ver, CKPT_FORMAT_VERSION);
         return -1;
     }
-    if (attr_read(file, "step", H5T_NATIVE_LLONG, &meta->step) ||
-        attr_read(file, "tokens_seen", H5T_NATIVE_LLONG, &meta->tokens_seen) ||
-        attr_read(file, "layout", H5T_NATIVE_INT, meta->layout) ||
-        attr_read(file, "optim_t", H5T_NATIVE_LLONG, &meta->optim_t) ||
-        attr_read(file, "seed", H5T_NATIVE_LLONG, &meta->seed) ||
-        !(meta->config = attr_read_str(file, "config"))) {
+    if (h5u_attr_read(file, "step", H5T_NATIVE_LLONG, &meta->step) ||
+        h5u_attr_read(file, "tokens_seen", H5T_NATIVE_LLONG, &meta->tokens_seen) ||
+        h5u_attr_read(file, "layout", H5T_NATIVE_INT, meta->layout) ||
+        h5u_attr_read(file, "optim_t", H5T_NATIVE_LLONG, &meta->optim_t) ||
+        h5u_attr_read(file, "seed", H5T_NATIVE_LLONG, &meta->seed) ||
+        !(meta->config = h5u_attr_read_str(file, "config"))) {
         snprintf(err, errlen, "%s: missing or malformed root attributes", fname);
         return -1;
     }
@@ -609,9 +518,9 @@ int ckpt_load(MPI_Comm comm, const char *fname, ckpt_tensor *t, int nt, ckpt_met
     int rc = -1, all;
     err[0] = 0;
     memset(meta, 0, sizeof *meta);
-    if (H5_CHECK(fapl = make_fapl(comm))) goto done;
+    if (H5_CHECK(fapl = h5u_fapl(comm))) goto done;
     if ((file = H5Fopen(fname, H5F_ACC_RDONLY, fapl)) < 0) {
-        h5_fail("H5Fopen", __FILE__, __LINE__, err, errlen);
+        h5u_fail("H5Fopen", __FILE__, __LINE__, err, errlen);
         char why[512];
         snprintf(why, sizeof why, "%s", err);
         snprintf(err, errlen, "%s: cannot open as HDF5 (truncated or not a checkpoint?) [%s]",
@@ -664,7 +573,7 @@ static herr_t verify_one(hid_t file, const char *name, const H5L_info_t *li, voi
     else if ((nd = H5Sget_simple_extent_ndims(sp)) < 1 || nd > 2 ||
              H5Sget_simple_extent_dims(sp, dims, NULL) < 0)
         problem = "not a 1-D or 2-D tensor";
-    else if (attr_read(d, "checksum", H5T_NATIVE_UINT64, &want) != 0) problem = "no checksum attribute";
+    else if (h5u_attr_read(d, "checksum", H5T_NATIVE_UINT64, &want) != 0) problem = "no checksum attribute";
     else {
         size_t n = (size_t)(dims[0] * (nd == 2 ? dims[1] : 1));
         buf = malloc((n ? n : 1) * sizeof(float));

@@ -9,6 +9,7 @@
 #include "io/qckpt.h"
 
 #include "io/fsutil.h"
+#include "io/h5util.h"
 #include "kernels/quant.h"
 
 #include <dirent.h>
@@ -21,30 +22,6 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
-
-/* ---- HDF5 error reporting (as io/ckpt.c) ---------------------------------- */
-typedef struct {
-    char *buf;
-    size_t len;
-} h5_msg;
-
-static herr_t h5_walk(unsigned n, const H5E_error2_t *e, void *data) {
-    h5_msg *m = data;
-    if (n == 0 && e->desc) {
-        size_t used = strlen(m->buf);
-        snprintf(m->buf + used, m->len - used, ": %s", e->desc);
-    }
-    return 0;
-}
-
-static int h5_fail(const char *what, const char *file, int line, char *err, size_t len) {
-    snprintf(err, len, "%s:%d: %s failed", file, line, what);
-    h5_msg m = {err, len};
-    H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, h5_walk, &m);
-    H5Eclear2(H5E_DEFAULT);
-    return -1;
-}
-#define H5_CHECK(call) ((call) < 0 ? h5_fail(#call, __FILE__, __LINE__, err, errlen) : 0)
 
 /* Prefixes err with "PATH: dataset /NAME: " unless it already names PATH. */
 static void name_it(char *err, size_t errlen, const char *path, const char *ds) {
@@ -79,61 +56,6 @@ static hid_t fp16_type(void) {
     return t;
 }
 
-static int attr_write(hid_t obj, const char *name, hid_t ftype, hid_t mtype, int n,
-                      const void *v) {
-    hsize_t dim = (hsize_t)n;
-    hid_t sp = n == 1 ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &dim, NULL);
-    hid_t a = sp < 0 ? -1 : H5Acreate2(obj, name, ftype, sp, H5P_DEFAULT, H5P_DEFAULT);
-    int rc = (a < 0 || H5Awrite(a, mtype, v) < 0) ? -1 : 0;
-    if (a >= 0) H5Aclose(a);
-    if (sp >= 0) H5Sclose(sp);
-    return rc;
-}
-
-static int attr_write_str(hid_t obj, const char *name, const char *s) {
-    hid_t t = H5Tcopy(H5T_C_S1);
-    int rc = -1;
-    if (t >= 0 && H5Tset_size(t, strlen(s) + 1) >= 0 && H5Tset_strpad(t, H5T_STR_NULLTERM) >= 0)
-        rc = attr_write(obj, name, t, t, 1, s);
-    if (t >= 0) H5Tclose(t);
-    return rc;
-}
-
-static int attr_read(hid_t obj, const char *name, hid_t mtype, void *v) {
-    if (H5Aexists(obj, name) <= 0) return -1;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    int rc = (a < 0 || H5Aread(a, mtype, v) < 0) ? -1 : 0;
-    if (a >= 0) H5Aclose(a);
-    return rc;
-}
-
-static char *attr_read_str(hid_t obj, const char *name) {
-    if (H5Aexists(obj, name) <= 0) return NULL;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT), ft = a < 0 ? -1 : H5Aget_type(a);
-    char *s = NULL;
-    if (ft >= 0 && H5Tget_class(ft) == H5T_STRING && !H5Tis_variable_str(ft)) {
-        size_t n = H5Tget_size(ft);
-        hid_t mt = H5Tcopy(ft);
-        s = calloc(n + 1, 1);
-        if (s && H5Aread(a, mt, s) < 0) {
-            free(s);
-            s = NULL;
-        }
-        H5Tclose(mt);
-    }
-    if (ft >= 0) H5Tclose(ft);
-    if (a >= 0) H5Aclose(a);
-    return s;
-}
-
-/* Collective: -1 on every rank if any failed; the others say why. */
-static int agree(MPI_Comm comm, int bad, char *err, size_t errlen) {
-    int b = bad != 0, any = 0;
-    MPI_Allreduce(&b, &any, 1, MPI_INT, MPI_MAX, comm);
-    if (any && !b) snprintf(err, errlen, "another rank failed writing the checkpoint");
-    return any ? -1 : 0;
-}
-
 /* ---- output check ------------------------------------------------------------ */
 
 int qckpt_out_check(const char *root, int force, char *err, size_t errlen) {
@@ -163,18 +85,6 @@ int qckpt_out_check(const char *root, int force, char *err, size_t errlen) {
 
 /* ---- writer --------------------------------------------------------------------- */
 
-static hid_t make_fapl(MPI_Comm comm) {
-    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
-    if (fapl < 0) return fapl;
-    if (H5Pset_fapl_mpio(fapl, comm, MPI_INFO_NULL) < 0 ||
-        H5Pset_all_coll_metadata_ops(fapl, 1) < 0 || H5Pset_coll_metadata_write(fapl, 1) < 0 ||
-        H5Pset_alignment(fapl, 64 * 1024, 1024 * 1024) < 0) {
-        H5Pclose(fapl);
-        return -1;
-    }
-    return fapl;
-}
-
 /* Collective: one dataset of shape dims (ndim 1 or 2), written whole by
  * `owner` from buf, with its checksum attribute. hash_bytes: 4 = float
  * (ckpt_hash), 1 or 2 = qckpt_hash. */
@@ -189,18 +99,18 @@ static int write_ds(hid_t loc, hid_t lcpl, hid_t dxpl, const char *name, hid_t f
     int ok = !H5_CHECK(sp = H5Screate_simple(ndim, dims, NULL)) &&
              !H5_CHECK(d = H5Dcreate2(loc, name, ftype, sp, lcpl, H5P_DEFAULT, H5P_DEFAULT));
     if (ok && !mine) ok = !H5_CHECK(H5Sselect_none(sp));
-    if (agree(comm, !ok, err, errlen)) goto done;
+    if (h5u_agree(comm, !ok, err, errlen)) goto done;
     /* the memory space equals the file selection: all of it, or nothing */
     static const char dummy[8];
     ok = !H5_CHECK(H5Dwrite(d, ftype, sp, sp, dxpl, mine ? buf : (const void *)dummy));
-    if (agree(comm, !ok, err, errlen)) goto done;
+    if (h5u_agree(comm, !ok, err, errlen)) goto done;
     uint64_t part = 0, sum = 0;
     if (mine)
         part = hash_bytes == 4 ? ckpt_hash(buf, (size_t)n, 0)
                                : qckpt_hash(buf, (size_t)n, hash_bytes, 0);
     MPI_Allreduce(&part, &sum, 1, MPI_UINT64_T, MPI_SUM, comm);
-    ok = !H5_CHECK(attr_write(d, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, 1, &sum));
-    rc = agree(comm, !ok, err, errlen);
+    ok = !H5_CHECK(h5u_attr_write(d, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, 1, &sum));
+    rc = h5u_agree(comm, !ok, err, errlen);
 done:
     if (d >= 0) H5Dclose(d);
     if (sp >= 0) H5Sclose(sp);
@@ -224,20 +134,20 @@ static int write_tensor(hid_t file, hid_t lcpl, hid_t dxpl, hid_t f16, const qck
     if (t->ndim != 2 || quant_layout_of(f, t->rows, t->cols, &l) != 0) {
         snprintf(err, errlen, "cannot store tensor %s as %s", t->name,
                  quant_fmt_name(f) ? quant_fmt_name(f) : "?");
-        return agree(comm, 1, err, errlen);
+        return h5u_agree(comm, 1, err, errlen);
     }
     hid_t g = -1;
     int rc = -1;
     snprintf(path, sizeof path, "qmodel/%s", t->name);
-    if (agree(comm, H5_CHECK(g = H5Gcreate2(file, path, lcpl, H5P_DEFAULT, H5P_DEFAULT)), err,
+    if (h5u_agree(comm, H5_CHECK(g = H5Gcreate2(file, path, lcpl, H5P_DEFAULT, H5P_DEFAULT)), err,
               errlen))
         goto done;
     long long shape[2] = {(long long)t->rows, (long long)t->cols};
     int block = QUANT_BLOCK;
-    int bad = H5_CHECK(attr_write_str(g, "format", quant_fmt_name(f))) ||
-              H5_CHECK(attr_write(g, "shape", H5T_STD_I64LE, H5T_NATIVE_LLONG, 2, shape)) ||
-              H5_CHECK(attr_write(g, "block", H5T_STD_I32LE, H5T_NATIVE_INT, 1, &block));
-    if (agree(comm, bad, err, errlen)) goto done;
+    int bad = H5_CHECK(h5u_attr_write_str(g, "format", quant_fmt_name(f))) ||
+              H5_CHECK(h5u_attr_write(g, "shape", H5T_STD_I64LE, H5T_NATIVE_LLONG, 2, shape)) ||
+              H5_CHECK(h5u_attr_write(g, "block", H5T_STD_I32LE, H5T_NATIVE_INT, 1, &block));
+    if (h5u_agree(comm, bad, err, errlen)) goto done;
     const uint8_t *b = t->data;
     int mine = rank == t->owner;
     hsize_t qd[2] = {t->rows, l.nblk * l.code_bytes}, sd[2] = {t->rows, l.nblk};
@@ -315,9 +225,9 @@ int qckpt_save(MPI_Comm comm, const char *root, const qckpt_tensor *t, int nt,
     hid_t fapl = -1, file = -1, lcpl = -1, dxpl = -1, f16 = -1;
     char *qj = NULL;
     rc = -1;
-    if (H5_CHECK(fapl = make_fapl(comm))) goto close;
+    if (H5_CHECK(fapl = h5u_fapl(comm))) goto close;
     file = H5Fcreate(path, H5F_ACC_EXCL, H5P_DEFAULT, fapl);
-    if (agree(comm, file < 0 ? h5_fail("H5Fcreate", __FILE__, __LINE__, err, errlen) : 0, err,
+    if (h5u_agree(comm, file < 0 ? h5u_fail("H5Fcreate", __FILE__, __LINE__, err, errlen) : 0, err,
               errlen))
         goto close;
     if (H5_CHECK(lcpl = H5Pcreate(H5P_LINK_CREATE)) ||
@@ -337,17 +247,17 @@ int qckpt_save(MPI_Comm comm, const char *root, const qckpt_tensor *t, int nt,
     }
     qj = quant_json(t, nt);
     long long ver = CKPT_FORMAT_VERSION;
-    int bad = !qj || H5_CHECK(attr_write_str(file, "format", CKPT_FORMAT)) ||
-        H5_CHECK(attr_write(file, "format_version", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &ver)) ||
-        H5_CHECK(attr_write(file, "step", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->step)) ||
-        H5_CHECK(attr_write(file, "tokens_seen", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1,
+    int bad = !qj || H5_CHECK(h5u_attr_write_str(file, "format", CKPT_FORMAT)) ||
+        H5_CHECK(h5u_attr_write(file, "format_version", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &ver)) ||
+        H5_CHECK(h5u_attr_write(file, "step", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->step)) ||
+        H5_CHECK(h5u_attr_write(file, "tokens_seen", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1,
                             &meta->tokens_seen)) ||
-        H5_CHECK(attr_write(file, "layout", H5T_STD_I32LE, H5T_NATIVE_INT, 3, meta->layout)) ||
-        H5_CHECK(attr_write(file, "optim_t", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->optim_t)) ||
-        H5_CHECK(attr_write(file, "seed", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->seed)) ||
-        H5_CHECK(attr_write_str(file, "config", meta->config ? meta->config : "")) ||
-        H5_CHECK(attr_write_str(file, "quant", qj));
-    if (agree(comm, bad, err, errlen)) goto close;
+        H5_CHECK(h5u_attr_write(file, "layout", H5T_STD_I32LE, H5T_NATIVE_INT, 3, meta->layout)) ||
+        H5_CHECK(h5u_attr_write(file, "optim_t", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->optim_t)) ||
+        H5_CHECK(h5u_attr_write(file, "seed", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->seed)) ||
+        H5_CHECK(h5u_attr_write_str(file, "config", meta->config ? meta->config : "")) ||
+        H5_CHECK(h5u_attr_write_str(file, "quant", qj));
+    if (h5u_agree(comm, bad, err, errlen)) goto close;
     rc = 0;
 close:
     free(qj);
@@ -362,7 +272,7 @@ close:
         return CKPT_ERR_FATAL;
     }
     if (file >= 0 && H5Fclose(file) < 0 && rc == 0)
-        rc = h5_fail("H5Fclose", __FILE__, __LINE__, err, errlen);
+        rc = h5u_fail("H5Fclose", __FILE__, __LINE__, err, errlen);
     if (rc) name_it(err, errlen, path, NULL);
     if (fapl >= 0) H5Pclose(fapl);
     MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
@@ -430,7 +340,7 @@ static int read_ds(hid_t loc, const char *fname, const char *dsname, const char 
     size_t n = (size_t)(dims[0] * (nd == 2 ? dims[1] : 1));
     uint64_t want_sum = 0,
              have = hash_bytes == 4 ? ckpt_hash(buf, n, 0) : qckpt_hash(buf, n, hash_bytes, 0);
-    if (attr_read(d, "checksum", H5T_NATIVE_UINT64, &want_sum) != 0) {
+    if (h5u_attr_read(d, "checksum", H5T_NATIVE_UINT64, &want_sum) != 0) {
         snprintf(err, errlen, "%s: dataset /%s has no checksum attribute", fname, dsname);
         goto done;
     }
@@ -468,9 +378,9 @@ static int load_one(hid_t file, hid_t f16, const char *fname, ckpt_tensor *t, ch
         quant_fmt f;
         quant_layout l;
         if (H5_CHECK(g = H5Gopen2(file, qpath, H5P_DEFAULT))) goto done;
-        fmt_s = attr_read_str(g, "format");
+        fmt_s = h5u_attr_read_str(g, "format");
         if (!fmt_s || quant_fmt_from_name(fmt_s, &f) != 0 ||
-            attr_read(g, "shape", H5T_NATIVE_LLONG, shape) != 0) {
+            h5u_attr_read(g, "shape", H5T_NATIVE_LLONG, shape) != 0) {
             snprintf(err, errlen, "%s: group /%s: missing or unknown format/shape attributes (%s)",
                      fname, qpath, fmt_s ? fmt_s : "no format");
             free(fmt_s);
