@@ -2,6 +2,7 @@
 #include "src/train.h"
 
 #include "comm/allreduce.h"
+#include "comm/grad.h"
 #include "io/metrics.h"
 #include "io/tokfile.h"
 #include "kernels/kern.h"
@@ -30,8 +31,7 @@ typedef struct {
     const job_config *cfg;
     gpt *g;
     optim opt;
-    comm_ar *ar;
-    const comm_ar_algo *algo;
+    comm_grad *red; /* data-parallel gradient reducer (comm/grad.h) */
     tokfile train, val;
     metrics met;
     int have_met;
@@ -189,11 +189,29 @@ static int setup(trainer *t, MPI_Comm comm, const job_config *c, int quiet) {
     if (spmd_agree(comm, rc, PROG, "out of memory for the model")) return -1;
     gpt_init_weights(t->g, (uint64_t)c->train.seed);
 
-    comm_ar_opts ao = {.ps_ranks = c->comm.ps_ranks};
-    rc = comm_ar_create(t->grid.dp_comm, &ao, &t->ar);
-    t->algo = comm_ar_find(c->comm.strategy);
-    snprintf(err, sizeof err, "comm.strategy %s: cannot set up the all-reduce", c->comm.strategy);
-    if (spmd_agree(comm, rc || !t->algo, PROG, err)) return -1;
+    /* gradient reducer: buckets follow the tensors of this rank's part */
+    int nt = gpt_ntensors(t->g);
+    comm_grad_tensor *gt = calloc((size_t)nt + 1, sizeof *gt);
+    rc = !gt;
+    for (int i = 0; gt && i < nt; i++) {
+        const gpt_tensor *e = gpt_tensor_at(t->g, i);
+        gt[i] = (comm_grad_tensor){.numel = e->numel, .ndim = e->ndim,
+                                   .shape = {e->shape[0], e->shape[1]}};
+    }
+    comm_grad_opts go = {
+        .strategy = c->comm.strategy, .bw_threshold = c->comm.bw_threshold,
+        .lat_threshold = c->comm.lat_threshold, .fallback = c->comm.fallback,
+        .bucket_mb = c->comm.bucket_mb, .ps_ranks = c->comm.ps_ranks,
+        .cx_type = c->comm.compression.type, .ratio = c->comm.compression.ratio,
+        .min_ratio = c->comm.compression.min_ratio, .bits = c->comm.compression.bits,
+        .rank = c->comm.compression.rank, .error_feedback = c->comm.compression.error_feedback,
+        .warmup_steps = c->comm.compression.warmup_steps, .seed = (uint64_t)c->train.seed,
+        .log = t->rank == 0 ? stdout : NULL};
+    if (!rc) rc = comm_grad_create(t->grid.dp_comm, &go, gt, nt, &t->red);
+    free(gt);
+    snprintf(err, sizeof err, "comm.strategy %s, comm.compression.type %s: cannot set up the "
+             "gradient all-reduce", c->comm.strategy, c->comm.compression.type);
+    if (spmd_agree(comm, rc, PROG, err)) return -1;
     if (c->checkpoint.async && c->checkpoint.dir[0]) {
         int level;
         MPI_Query_thread(&level);
@@ -260,7 +278,7 @@ static void teardown(trainer *t) {
     ckpt_async_destroy(t->async);
     pipe_destroy(t->pipe);
     if (t->have_met) metrics_close(&t->met);
-    comm_ar_destroy(t->ar);
+    comm_grad_destroy(t->red);
     optim_free(&t->opt);
     gpt_destroy(t->g);
     tokfile_close(&t->train);
@@ -296,8 +314,11 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
         printf("mpilm train: %s | %zu parameters | layout dp=%d tp=%d pp=%d | %d threads/rank\n",
                c->file, np_all, t.dp, t.grid.tp, t.grid.pp, kern_threads());
         printf("batch: global %d x %d tokens = %d micro-batches of %d per pipeline x %d "
-               "data-parallel ranks%s | all-reduce: %s\n",
-               G, T, t.m, B, t.dp, c->train.recompute ? " | recompute" : "", t.algo->name);
+               "data-parallel ranks%s\n",
+               G, T, t.m, B, t.dp, c->train.recompute ? " | recompute" : "");
+        char desc[512];
+        printf("all-reduce: %s\n", comm_grad_describe(t.red, desc, sizeof desc));
+        comm_grad_explain(t.red, stdout);
         printf("BLAS: OpenBLAS %s kernel | measured sgemm peak %.1f GFLOP/s (all ranks)\n",
                kern_blas_corename(), peak);
         fflush(stdout);
@@ -321,9 +342,9 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
         double t1 = spmd_now(), phase = t1 - t0;
         if (t.grid.pp > 1) MPI_Allreduce(MPI_IN_PLACE, &phase, 1, MPI_DOUBLE, MPI_MAX, t.grid.pp_comm);
         double idle = t.grid.pp > 1 ? phase - tm.fwd_s - tm.bwd_s : 0;
-        uint64_t sent0 = comm_ar_bytes_sent(t.ar);
+        comm_grad_stats cst;
         sum_tied_embedding(&t);
-        rc = t.algo->fn(t.ar, gpt_grads(t.g), gpt_nparams(t.g), COMM_SUM);
+        rc = comm_grad_reduce(t.red, gpt_grads(t.g), s, &cst);
         double loss_all = 0;
         MPI_Allreduce(&loss_sum, &loss_all, 1, MPI_DOUBLE, MPI_SUM, comm);
         double comm_s = spmd_now() - t1 + gpt_tp_comm_seconds(t.g) - tp0;
@@ -368,9 +389,10 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
             metrics_num(m, "bubble_ms", idle * 1e3);
             metrics_num(m, "recv_wait_ms", tm.wait_s * 1e3);
             metrics_num(m, "comm_ms", comm_s * 1e3);
-            metrics_int(m, "bytes_sent", (long long)(comm_ar_bytes_sent(t.ar) - sent0));
-            metrics_str(m, "algorithm", t.algo->name);
-            metrics_str(m, "compression", c->comm.compression.type);
+            metrics_int(m, "bytes_sent", (long long)cst.bytes_sent);
+            metrics_num(m, "dp_allreduce_ms", cst.seconds * 1e3);
+            metrics_str(m, "algorithm", cst.algorithm);
+            metrics_str(m, "compression", cst.compression);
             metrics_emit(m, 1);
             if (!quiet && ((s + 1) % c->log.every == 0 || last || val_due)) {
                 char eta[32];
