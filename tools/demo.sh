@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: prepares the fortunes corpus, trains jobs/tiny.yaml on 2 ranks
-# with checkpoints, and evaluates the final checkpoint. Run from the repo root.
+# with checkpoints, evaluates the final checkpoint, quantizes it, serves a few
+# prompts, and runs the same training through Slurm when a local cluster can
+# start. Run from the repo root.
 set -euo pipefail
 MPILM=${MPILM:-build/mpilm}
 MPIRUN=${MPIRUN:-mpirun --oversubscribe --allow-run-as-root --bind-to none}
@@ -23,12 +25,22 @@ step "4. evaluate the final checkpoint on the validation split"
 $MPIRUN -n "$RANKS" $MPILM eval --ckpt runs/tiny/ckpt --data data/demo --batches 16
 
 
-step "5. the Slurm path: slurm/train.sbatch on a one-node local Slurm cluster (4 ranks, 50 steps)"
+step "5. quantize the final checkpoint to 8 bits (2 ranks) and compare with fp32"
+rm -rf runs/tiny-q8
+$MPIRUN -n "$RANKS" $MPILM quantize --ckpt runs/tiny/ckpt --out runs/tiny-q8 --format q8 \
+    --eval data/demo | tail -4
+
+step "6. serve a few prompts from the quantized checkpoint (tools/demo-prompts.jsonl)"
+$MPIRUN -n "$RANKS" $MPILM serve --ckpt runs/tiny-q8 --prompts tools/demo-prompts.jsonl \
+    --out runs/tiny-answers.jsonl
+cat runs/tiny-answers.jsonl
+
+step "7. the Slurm path: slurm/train.sbatch on a one-node local Slurm cluster (4 ranks, 50 steps)"
 # Falls back to mpirun when the local cluster cannot start here (no root,
 # no slurm-wlm/munge). A cluster that was already up is used and left up.
 SLURM_ARGS=(jobs/tiny.yaml --set train.steps=50 --set train.micro_batch=4
     --set log.dir=runs/tiny-slurm --set checkpoint.dir=runs/tiny-slurm/ckpt)
-rm -rf runs/tiny-slurm
+rm -rf runs/tiny-slurm runs/tiny-slurm.out
 slurm_started=0
 if slurm/local-cluster.sh status >/dev/null 2>&1; then
     slurm_up=1
