@@ -37,3 +37,13 @@ for s in mpi ring recursive_doubling rabenseifner tree parameter_server hierarch
     $PY -c "import sys; sys.exit(0 if $d < 1e-5 else 1)" || die "strategy $s differs by $d"
     grep -q "\"algorithm\": \"$s\"" "$TMP/log-$s/metrics.jsonl" || die "metrics do not name algorithm $s"
 done
+
+# the shipped job files start at 1, 2 and 4 ranks as they are
+for j in jobs/tiny.yaml jobs/small.yaml; do
+    for n in 1 2 4; do
+        timeout 300 $MPIRUN -n $n "$MPILM" train "$j" --set data.dir="$DATA" --set train.steps=1 \
+            --set train.eval_every=0 --set checkpoint.dir= --set log.dir="$TMP/jobs" >"$TMP/jobs.out" 2>&1 \
+            || { cat "$TMP/jobs.out"; die "$j does not run at $n ranks"; }
+    done
+    echo "$j runs at 1, 2 and 4 ranks"
+done
