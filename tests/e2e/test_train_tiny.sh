@@ -15,12 +15,12 @@ val=$(grep -o '"val_loss": [^,}]*' "$RUN/metrics.jsonl" | tail -1 | cut -d' ' -f
 echo "final val_loss $val (ln 256 = 5.545)"
 $PY -c "import sys; sys.exit(0 if $val < 3.2 else 1)" || die "val_loss $val is not well below ln(256)"
 
-json=$(timeout 120 $MPIRUN -n 2 "$MPILM" eval --ckpt "$RUN/ckpt" --data "$DATA" --batches 8 --batch-size 8 --json)
+json=$(timeout 120 $MPIRUN -n 2 "$MPILM" eval --ckpt "$RUN/ckpt" --data "$DATA" --batches 8 --batch-size 4 --json)
 echo "$json"
 ev=$($PY -c "import json,sys; print(json.loads(sys.argv[1])['val_loss'])" "$json")
 $PY -c "import sys; sys.exit(0 if abs($ev - $val) <= 1e-5 * $val else 1)" || die "eval $ev != trainer $val"
 # one rank gives the same answer as two
-json1=$(timeout 120 "$MPILM" eval --ckpt "$RUN/ckpt/step-00000400" --data "$DATA" --batches 8 --batch-size 8 --json)
+json1=$(timeout 120 "$MPILM" eval --ckpt "$RUN/ckpt/step-00000400" --data "$DATA" --batches 8 --batch-size 4 --json)
 ev1=$($PY -c "import json,sys; print(json.loads(sys.argv[1])['val_loss'])" "$json1")
 $PY -c "import sys; sys.exit(0 if abs($ev1 - $ev) <= 1e-6 * $ev else 1)" || die "eval on 1 rank $ev1 != 2 ranks $ev"
 # bad checkpoint path: clear error, non-zero exit
