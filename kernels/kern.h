@@ -61,8 +61,6 @@ double kern_xent_fwd_bwd(float *logits, const int *tgt, size_t N, int V, float d
 
 /* Sum of squares (double accumulation, deterministic for a thread count). */
 double kern_sumsq(const float *x, size_t n);
-/* x *= s */
-void kern_scale(float *x, size_t n, float s);
 
 /* AdamW update of n parameters. wd applies to this tensor (0 for biases,
  * LayerNorm weights and other 1-D tensors). t = step number from 1. */

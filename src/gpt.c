@@ -267,16 +267,6 @@ void gpt_init_weights(gpt *g, uint64_t seed) {
 
 void gpt_zero_grad(gpt *g) { memset(g->grads, 0, g->nparams * sizeof(float)); }
 
-size_t gpt_activation_bytes(const gpt_config *c, int B, int T) {
-    size_t N = (size_t)B * T, C = (size_t)c->n_embd, L = (size_t)c->n_layer;
-    size_t att = (size_t)B * c->n_head * T * T;
-    size_t per_layer = N * (C + 3 * C + C + C + C + 4 * C + 4 * C) + 4 * N + att;
-    size_t fwd = (L + 1) * N * C + L * per_layer + N * C + 2 * N + N * (size_t)c->vocab_size +
-                 N * C;
-    size_t bwd = N * C * 2 + N * 4 * C + N * 3 * C + N * C + att;
-    return (fwd + bwd) * sizeof(float);
-}
-
 static size_t layer_floats(const gpt *g, size_t N, size_t att) {
     size_t C = g->C, Cl = g->Cl;
     return N * (C + 3 * Cl + Cl + C + C + 4 * Cl + 4 * Cl) + 4 * N + att;

@@ -123,7 +123,5 @@ int gpt_reserve(gpt *g, int B, int T);
 
 /* FLOPs of one training token (forward + backward) at sequence length T. */
 double gpt_flops_per_token(const gpt_config *cfg, int T);
-/* Activation bytes of the whole model on one rank, one micro-batch. */
-size_t gpt_activation_bytes(const gpt_config *cfg, int B, int T);
 
 #endif

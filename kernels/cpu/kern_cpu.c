@@ -293,11 +293,6 @@ double kern_sumsq(const float *x, size_t n) {
     return s;
 }
 
-void kern_scale(float *x, size_t n, float s) {
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) x[i] *= s;
-}
-
 void kern_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                 float beta2, float eps, float wd, float gscale, int t) {
     float c1 = 1.0f - powf(beta1, (float)t), c2 = 1.0f - powf(beta2, (float)t);
