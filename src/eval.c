@@ -31,6 +31,29 @@ double eval_loss(MPI_Comm comm, gpt *g, const tokfile *tf, int B, int nbatches, 
     return all / (double)*tokens;
 }
 
+int eval_open_split(const char *dir, const char *split, const gpt *g, int B, int *nb,
+                    tokfile *tf, char *err, size_t errlen) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s.tok", dir, split);
+    int T = gpt_cfg(g)->block_size;
+    if (tokfile_open(path, tf, err, errlen)) return -1;
+    uint64_t avail = data_num_batches(tf, B, T);
+    if (tf->vocab_size > (uint32_t)gpt_cfg(g)->vocab_size)
+        snprintf(err, errlen, "%s: vocabulary %u larger than the model's %d", path, tf->vocab_size,
+                 gpt_cfg(g)->vocab_size);
+    else if (avail == 0)
+        snprintf(err, errlen, "%s: fewer tokens than one batch of %d x %d", path, B, T);
+    else if (*nb > 0 && (uint64_t)*nb > avail)
+        snprintf(err, errlen, "%s: --batches %d but the split holds only %llu batches of %d x %d",
+                 path, *nb, (unsigned long long)avail, B, T);
+    else {
+        if (*nb == 0) *nb = (int)avail;
+        return 0;
+    }
+    tokfile_close(tf);
+    return -1;
+}
+
 static void usage(FILE *f) {
     fprintf(f, "usage: mpilm eval --ckpt CKPT --data DIR [--split val|train] [--batches N]\n"
                "                  [--batch-size B] [--json]\n\n"
@@ -76,25 +99,9 @@ int eval_main(int argc, char **argv, MPI_Comm comm) {
     tokfile tf = {0};
     int rc = 1;
     if (spmd_agree(comm, gptio_open(comm, ckpt, &g, &meta, err, sizeof err), PROG, err)) goto done;
-    snprintf(path, sizeof path, "%s/%s.tok", dir, split);
-    int T = gpt_cfg(g)->block_size, orc = tokfile_open(path, &tf, err, sizeof err);
-    if (!orc && tf.vocab_size > (uint32_t)gpt_cfg(g)->vocab_size) {
-        snprintf(err, sizeof err, "%s: vocabulary %u larger than the model's %d", path,
-                 tf.vocab_size, gpt_cfg(g)->vocab_size);
-        orc = -1;
-    }
-    uint64_t avail = orc ? 0 : data_num_batches(&tf, B, T);
-    if (!orc && avail == 0) {
-        snprintf(err, sizeof err, "%s: fewer tokens than one batch of %d x %d", path, B, T);
-        orc = -1;
-    }
-    if (!orc && nb > 0 && (uint64_t)nb > avail) {
-        snprintf(err, sizeof err, "%s: --batches %d but the split holds only %llu batches of %d x %d",
-                 path, nb, (unsigned long long)avail, B, T);
-        orc = -1;
-    }
+    snprintf(path, sizeof path, "%s/%s.tok", dir, split); /* for the report line */
+    int orc = eval_open_split(dir, split, g, B, &nb, &tf, err, sizeof err);
     if (spmd_agree(comm, orc, PROG, err)) goto done;
-    if (nb == 0) nb = (int)avail;
     long long tokens = 0;
     double loss = eval_loss(comm, g, &tf, B, nb, &tokens);
     if (rank == 0) {

@@ -17,4 +17,10 @@ int eval_main(int argc, char **argv, MPI_Comm comm);
  * Returns the mean loss; *tokens gets the number of tokens. */
 double eval_loss(MPI_Comm comm, gpt *g, const tokfile *tf, int B, int nbatches, long long *tokens);
 
+/* Opens DIR/SPLIT.tok for evaluating g with batches of B rows: checks the
+ * vocabulary and that nb batches fit (*nb == 0: all whole batches, set on
+ * return). 0, or -1 with a message naming the file. Local. */
+int eval_open_split(const char *dir, const char *split, const gpt *g, int B, int *nb,
+                    tokfile *tf, char *err, size_t errlen);
+
 #endif

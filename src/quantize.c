@@ -454,7 +454,6 @@ int quantize_main(int argc, char **argv, MPI_Comm comm) {
     long long tokens = 0;
     if (data) {
         t = spmd_now();
-        char tpath[4200];
         if (spmd_agree(comm, gptio_open(comm, ckpt, &g32, &m2, err, sizeof err), PROG, err))
             goto done;
         free(m2.config);
@@ -463,26 +462,8 @@ int quantize_main(int argc, char **argv, MPI_Comm comm) {
             goto done;
         free(m2.config);
         m2.config = NULL;
-        snprintf(tpath, sizeof tpath, "%s/%s.tok", data, split);
-        int T = gpt_cfg(g32)->block_size;
-        orc = tokfile_open(tpath, &tf, err, sizeof err);
-        if (!orc && tf.vocab_size > (uint32_t)gpt_cfg(g32)->vocab_size) {
-            snprintf(err, sizeof err, "%s: vocabulary %u larger than the model's %d", tpath,
-                     tf.vocab_size, gpt_cfg(g32)->vocab_size);
-            orc = -1;
-        }
-        uint64_t avail = orc ? 0 : data_num_batches(&tf, B, T);
-        if (!orc && avail == 0) {
-            snprintf(err, sizeof err, "%s: fewer tokens than one batch of %d x %d", tpath, B, T);
-            orc = -1;
-        }
-        if (!orc && nb > 0 && (uint64_t)nb > avail) {
-            snprintf(err, sizeof err, "%s: --batches %d but the split holds only %llu batches",
-                     tpath, nb, (unsigned long long)avail);
-            orc = -1;
-        }
+        orc = eval_open_split(data, split, g32, B, &nb, &tf, err, sizeof err);
         if (spmd_agree(comm, orc, PROG, err)) goto done;
-        if (nb == 0) nb = (int)avail;
         loss32 = eval_loss(comm, g32, &tf, B, nb, &tokens);
         lossq = eval_loss(comm, gq, &tf, B, nb, &tokens);
         compare_models(comm, g32, gq, &tf, B, nb, &kl, &top1);
