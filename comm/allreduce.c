@@ -58,7 +58,7 @@ struct comm_ar {
 
 /* ---- errors ------------------------------------------------------------ */
 
-static int world_rank(void) {
+int comm_world_rank(void) {
     int init = 0, fin = 0, r = -1;
     MPI_Initialized(&init);
     MPI_Finalized(&fin);
@@ -71,7 +71,7 @@ int comm_mpi_error(int mpi_rc, const char *file, int line, const char *what) {
     int len = 0;
     if (MPI_Error_string(mpi_rc, msg, &len) != MPI_SUCCESS)
         snprintf(msg, sizeof msg, "MPI error code %d", mpi_rc);
-    fprintf(stderr, "%s:%d: rank %d: %s: %s\n", file, line, world_rank(), what, msg);
+    fprintf(stderr, "%s:%d: rank %d: %s: %s\n", file, line, comm_world_rank(), what, msg);
     return COMM_ERR_MPI;
 }
 
@@ -82,7 +82,7 @@ __attribute__((format(printf, 4, 5))) static int ar_fail(int code, const char *f
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "%s:%d: rank %d: %s\n", file, line, world_rank(), msg); /* one write */
+    fprintf(stderr, "%s:%d: rank %d: %s\n", file, line, comm_world_rank(), msg); /* one write */
     return code;
 }
 #define AR_FAIL(code, ...)                                                                         \

@@ -37,6 +37,9 @@ enum {
     COMM_ERR_NOMEM = -3, /* allocation failed */
 };
 
+/* MPI_COMM_WORLD rank for messages; -1 outside MPI_Init..MPI_Finalize. */
+int comm_world_rank(void);
+
 /* Prints "file:line: rank R: what: <MPI error string>" to stderr and returns
  * COMM_ERR_MPI. R is the MPI_COMM_WORLD rank (-1 if MPI is not running). */
 int comm_mpi_error(int mpi_rc, const char *file, int line, const char *what);

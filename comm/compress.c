@@ -15,14 +15,6 @@
 
 /* ---- errors ----------------------------------------------------------- */
 
-static int world_rank(void) {
-    int init = 0, fin = 0, r = -1;
-    MPI_Initialized(&init);
-    MPI_Finalized(&fin);
-    if (init && !fin) MPI_Comm_rank(MPI_COMM_WORLD, &r);
-    return r;
-}
-
 __attribute__((format(printf, 4, 5))) static int cx_fail(int code, const char *file, int line,
                                                          const char *fmt, ...) {
     char msg[512];
@@ -30,7 +22,7 @@ __attribute__((format(printf, 4, 5))) static int cx_fail(int code, const char *f
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "%s:%d: rank %d: comm_cx: %s\n", file, line, world_rank(), msg);
+    fprintf(stderr, "%s:%d: rank %d: comm_cx: %s\n", file, line, comm_world_rank(), msg);
     return code;
 }
 #define FAIL(code, ...) cx_fail(code, __FILE__, __LINE__, __VA_ARGS__)
