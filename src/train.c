@@ -325,7 +325,8 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
     }
     /* bubble: idle time of a stage during the pipelined part of a step, i.e.
      * the slowest stage's pipeline time minus this stage's compute */
-    double t_run = spmd_now(), sum_ms = 0, sum_tps = 0, sum_idle = 0, sum_phase = 0;
+    double t_run = spmd_now(), sum_ms = 0, sum_tps = 0, sum_idle = 0, sum_phase = 0, sum_dp = 0,
+           sum_bytes = 0;
     int timed = 0;
     float dscale = (float)(1.0 / tokens_per_step);
     for (int s = start; s < steps; s++) {
@@ -366,6 +367,8 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
             sum_phase += phase;
             sum_ms += dt * 1e3;
             sum_tps += tps;
+            sum_dp += cst.seconds * 1e3;
+            sum_bytes += (double)cst.bytes_sent;
             timed++;
         }
         res->final_loss = loss;
@@ -427,6 +430,8 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
     if (timed) {
         res->step_ms = sum_ms / timed;
         res->tokens_per_s = sum_tps / timed;
+        res->comm_ms = sum_dp / timed;
+        res->bytes_sent = sum_bytes / timed;
         res->mfu = peak > 0 ? res->tokens_per_s * fpt / (peak * 1e9) : 0;
     }
     if (t.rank == 0 && !quiet && !res->preempted)

@@ -20,6 +20,8 @@ typedef struct {
     double tokens_per_s, mfu, step_ms; /* averages over steps after the first */
     double peak_gflops;                /* measured sgemm peak, all ranks */
     double bubble; /* idle share of the pipelined part of a step, mean over ranks */
+    double comm_ms;    /* rank 0's mean data-parallel all-reduce time per step (timed steps) */
+    double bytes_sent; /* rank 0's mean bytes sent by the gradient reducer per step */
     int preempted;
 } train_result;
 
