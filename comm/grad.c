@@ -8,15 +8,17 @@
 #include "comm/compress.h"
 #include "comm/select.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 typedef struct {
-    size_t off, n;       /* floats, into the buffer */
-    int t0, t1;          /* tensors [t0, t1) */
-    comm_cx *cx;         /* compression context, or NULL */
-    const char *last;    /* algorithm name of the last call (static or in name) */
-    char name[48];       /* adaptive: choice name of the last call */
+    size_t off, n;    /* floats, into the buffer */
+    int t0, t1;       /* tensors [t0, t1) */
+    comm_cx *cx;      /* compression context, or NULL */
+    const char *last; /* algorithm name of the last call (static or in name) */
+    char name[48];    /* adaptive: choice name of the last call */
+    int pending;      /* tensors not yet final in this step */
 } bucket;
 
 struct comm_grad {
@@ -29,15 +31,31 @@ struct comm_grad {
     int nt;
     bucket *b;
     int nb;
-    size_t n;               /* buffer length */
-    comm_ar *ar;            /* NULL when size == 1 */
+    size_t n;                 /* buffer length */
+    comm_ar *ar;              /* NULL when size == 1 */
     const comm_ar_algo *algo; /* fixed strategy; NULL for adaptive */
-    comm_sel *sel;          /* adaptive */
-    float *stage;           /* powersgd staging, max bucket length */
+    comm_sel *sel;            /* adaptive */
+    float *stage;             /* powersgd staging, max bucket length */
     uint64_t total;
+    /* the step in flight (comm_grad_begin .. comm_grad_finish) */
+    float *grads;
+    int step, next; /* next bucket to reduce (they go last to first); -1: none */
+    int err;
+    uint64_t sent;
+    double t_begin, busy;
+    int *bucket_of; /* tensor -> bucket */
+    char *final;    /* tensor -> gradient final this step */
+    /* overlap: a thread reduces each bucket once all its tensors are final */
+    int threaded, quit;
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
 };
 
-static double now(void) { return MPI_Wtime(); }
+static double now(void) {
+    return MPI_Wtime();
+}
+static void *comm_thread(void *arg);
 
 static int arg_error(const char *msg, const char *what) {
     int r = -1;
@@ -45,7 +63,8 @@ static int arg_error(const char *msg, const char *what) {
     MPI_Initialized(&init);
     if (init) MPI_Comm_rank(MPI_COMM_WORLD, &r);
     /* option errors are the same on every rank: said once, by world rank 0 */
-    if (r <= 0) fprintf(stderr, "%s:%d: rank %d: %s%s\n", __FILE__, __LINE__, r, msg, what ? what : "");
+    if (r <= 0)
+        fprintf(stderr, "%s:%d: rank %d: %s%s\n", __FILE__, __LINE__, r, msg, what ? what : "");
     return COMM_ERR_ARG;
 }
 
@@ -126,7 +145,8 @@ static int setup_cx(comm_grad *g, bucket *b) {
     co.stochastic = !co.error_feedback;
     size_t nm = 0, *rows = NULL, *cols = NULL;
     if (g->cxt == COMM_CX_POWERSGD) {
-        for (int i = b->t0; i < b->t1; i++) nm += g->t[i].ndim == 2;
+        for (int i = b->t0; i < b->t1; i++)
+            nm += g->t[i].ndim == 2;
         rows = calloc(nm + 1, sizeof *rows);
         cols = calloc(nm + 1, sizeof *cols);
         if (!rows || !cols) {
@@ -206,15 +226,29 @@ int comm_grad_create(MPI_Comm comm, const comm_grad_opts *o, const comm_grad_ten
         g->n += t[i].numel;
     }
     make_buckets(g);
-    for (int i = 0; i < g->nb; i++) g->b[i].last = adaptive ? "adaptive" : g->algo->name;
+    g->next = -1;
+    g->bucket_of = calloc((size_t)nt + 1, sizeof *g->bucket_of);
+    g->final = calloc((size_t)nt + 1, 1);
+    if (!g->bucket_of || !g->final) {
+        err = COMM_ERR_NOMEM;
+        goto done;
+    }
+    for (int i = 0; i < g->nb; i++) {
+        g->b[i].last = adaptive ? "adaptive" : g->algo->name;
+        for (int k = g->b[i].t0; k < g->b[i].t1; k++)
+            g->bucket_of[k] = i;
+    }
     if (g->size == 1) goto done; /* no-op reducer */
 
     comm_ar_opts ao = {.ps_ranks = o->ps_ranks};
     MPI_CHECK(MPI_Barrier(comm));
     if ((err = comm_ar_create(comm, &ao, &g->ar))) goto done;
     if (adaptive) {
-        comm_sel_opts so = {.bw_threshold = o->bw_threshold, .lat_threshold = o->lat_threshold,
-                            .fallback = g->fallback, .on_event = on_event, .ud = g};
+        comm_sel_opts so = {.bw_threshold = o->bw_threshold,
+                            .lat_threshold = o->lat_threshold,
+                            .fallback = g->fallback,
+                            .on_event = on_event,
+                            .ud = g};
         if ((err = comm_sel_create(comm, g->ar, &so, &g->sel))) goto done;
     }
     if (g->cxt != COMM_CX_NONE) {
@@ -229,6 +263,22 @@ int comm_grad_create(MPI_Comm comm, const comm_grad_opts *o, const comm_grad_ten
             err = COMM_ERR_NOMEM;
             goto done;
         }
+    }
+    if (o->overlap) {
+        int level = 0;
+        MPI_CHECK(MPI_Query_thread(&level));
+        if (level < MPI_THREAD_MULTIPLE) {
+            err = arg_error("comm.overlap needs MPI_THREAD_MULTIPLE, which this MPI library "
+                            "did not provide",
+                            NULL);
+            goto done;
+        }
+        if (pthread_mutex_init(&g->mu, NULL) || pthread_cond_init(&g->cv, NULL)) {
+            err = COMM_ERR_NOMEM;
+            goto done;
+        }
+        g->threaded = pthread_create(&g->th, NULL, comm_thread, g) == 0;
+        if (!g->threaded) err = COMM_ERR_NOMEM;
     }
 done:;
     /* allocation errors are local: agree so that every rank fails together */
@@ -245,7 +295,19 @@ done:;
 
 void comm_grad_destroy(comm_grad *g) {
     if (!g) return;
-    for (int i = 0; i < g->nb; i++) comm_cx_destroy(g->b[i].cx);
+    if (g->threaded) {
+        pthread_mutex_lock(&g->mu);
+        g->quit = 1;
+        pthread_cond_broadcast(&g->cv);
+        pthread_mutex_unlock(&g->mu);
+        pthread_join(g->th, NULL);
+        pthread_cond_destroy(&g->cv);
+        pthread_mutex_destroy(&g->mu);
+    }
+    free(g->bucket_of);
+    free(g->final);
+    for (int i = 0; i < g->nb; i++)
+        comm_cx_destroy(g->b[i].cx);
     comm_sel_destroy(g->sel);
     comm_ar_destroy(g->ar);
     free(g->stage);
@@ -276,51 +338,125 @@ static void fill_names(const comm_grad *g, comm_grad_stats *st) {
     snprintf(st->compression, sizeof st->compression, "%s", mode);
 }
 
-int comm_grad_reduce(comm_grad *g, float *grads, int step, comm_grad_stats *st) {
-    double t0 = now();
+/* Reduces one bucket of the step in flight; bytes sent go to *sent. */
+static int reduce_bucket(comm_grad *g, bucket *b, uint64_t *sent) {
+    float *p = g->grads + b->off;
+    const comm_ar_algo *a = bucket_algo(g, b);
+    int err;
+    double tb;
+    if (b->cx) {
+        comm_cx_set_dense(b->cx, g->ar, a->fn);
+        if (g->stage) stage_copy(g, b, g->grads, 1);
+        tb = now();
+        err = comm_cx_allreduce(b->cx, g->stage ? g->stage : p, b->n, g->step, COMM_SUM, sent);
+        if (g->stage) stage_copy(g, b, g->grads, 0);
+        /* only dense calls (warm-up) are comparable with the model; the mode
+         * is the same on every rank */
+        if (err || !g->sel || strcmp(comm_cx_last_mode(b->cx), "dense")) return err;
+    } else {
+        uint64_t s0 = comm_ar_bytes_sent(g->ar);
+        tb = now();
+        err = a->fn(g->ar, p, b->n, COMM_SUM);
+        *sent = comm_ar_bytes_sent(g->ar) - s0;
+        if (err || !g->sel) return err;
+    }
+    int r = comm_sel_record(g->sel, b->n * sizeof(float), now() - tb);
+    return r < 0 ? r : 0;
+}
+
+/* Reduces the next bucket when it is ready; called with g->mu held when
+ * threaded (released around the communication). 1 if one was reduced. */
+static int step_once(comm_grad *g) {
+    if (g->next < 0 || g->b[g->next].pending > 0) return 0;
+    bucket *b = &g->b[g->next];
     uint64_t sent = 0;
-    int err = 0;
-    if (g->size > 1)
-        for (int i = 0; i < g->nb && !err; i++) {
-            bucket *b = &g->b[i];
-            float *p = grads + b->off;
-            const comm_ar_algo *a = bucket_algo(g, b);
-            if (b->cx) {
-                uint64_t bs = 0;
-                comm_cx_set_dense(b->cx, g->ar, a->fn);
-                if (g->stage) stage_copy(g, b, grads, 1);
-                double tb = now();
-                err = comm_cx_allreduce(b->cx, g->stage ? g->stage : p, b->n, step, COMM_SUM, &bs);
-                double dt = now() - tb;
-                if (g->stage) stage_copy(g, b, grads, 0);
-                sent += bs;
-                /* only dense calls (warm-up) are comparable with the model;
-                 * the mode is the same on every rank */
-                if (!err && g->sel && !strcmp(comm_cx_last_mode(b->cx), "dense")) {
-                    int r = comm_sel_record(g->sel, b->n * sizeof(float), dt);
-                    if (r < 0) err = r;
-                }
-            } else {
-                uint64_t s0 = comm_ar_bytes_sent(g->ar);
-                double tb = now();
-                err = a->fn(g->ar, p, b->n, COMM_SUM);
-                double dt = now() - tb;
-                sent += comm_ar_bytes_sent(g->ar) - s0;
-                if (!err && g->sel) {
-                    int r = comm_sel_record(g->sel, b->n * sizeof(float), dt);
-                    if (r < 0) err = r;
-                }
-            }
+    if (g->threaded) pthread_mutex_unlock(&g->mu);
+    double t0 = now();
+    /* after an error every rank stops at the same bucket: errors of the
+     * algorithms are argument errors, identical everywhere */
+    int err = g->err ? 0 : reduce_bucket(g, b, &sent);
+    double dt = now() - t0;
+    if (g->threaded) pthread_mutex_lock(&g->mu);
+    if (err && !g->err) g->err = err;
+    g->sent += sent;
+    g->busy += dt;
+    g->next--;
+    if (g->threaded && g->next < 0) pthread_cond_broadcast(&g->cv);
+    return 1;
+}
+
+static void *comm_thread(void *arg) {
+    comm_grad *g = arg;
+    pthread_mutex_lock(&g->mu);
+    while (!g->quit) {
+        if (!step_once(g)) pthread_cond_wait(&g->cv, &g->mu);
+    }
+    pthread_mutex_unlock(&g->mu);
+    return NULL;
+}
+
+int comm_grad_begin(comm_grad *g, float *grads, int step) {
+    if (g->threaded) pthread_mutex_lock(&g->mu);
+    int busy = g->next >= 0;
+    if (!busy) {
+        g->grads = grads;
+        g->step = step;
+        g->err = 0;
+        g->sent = 0;
+        g->busy = 0;
+        g->t_begin = now();
+        memset(g->final, 0, (size_t)g->nt + 1);
+        for (int i = 0; i < g->nb; i++)
+            g->b[i].pending = g->b[i].t1 - g->b[i].t0;
+        g->next = g->size > 1 ? g->nb - 1 : -1;
+    }
+    if (g->threaded) pthread_mutex_unlock(&g->mu);
+    return busy ? arg_error("comm_grad_begin: the previous step is not finished", NULL) : 0;
+}
+
+void comm_grad_ready(comm_grad *g, int t0, int t1) {
+    if (g->threaded) pthread_mutex_lock(&g->mu);
+    for (int i = t0 < 0 ? 0 : t0; i < t1 && i < g->nt; i++)
+        if (!g->final[i]) {
+            g->final[i] = 1;
+            g->b[g->bucket_of[i]].pending--;
         }
-    g->total += sent;
+    if (g->threaded) {
+        pthread_cond_broadcast(&g->cv);
+        pthread_mutex_unlock(&g->mu);
+    }
+}
+
+int comm_grad_finish(comm_grad *g, comm_grad_stats *st) {
+    double tw = now();
+    comm_grad_ready(g, 0, g->nt);
+    if (g->threaded) {
+        pthread_mutex_lock(&g->mu);
+        while (g->next >= 0)
+            pthread_cond_wait(&g->cv, &g->mu);
+        pthread_mutex_unlock(&g->mu);
+    } else
+        while (step_once(g)) {
+        }
+    g->total += g->sent;
     if (st) {
         memset(st, 0, sizeof *st);
-        st->bytes_sent = sent;
-        st->seconds = now() - t0;
+        st->bytes_sent = g->sent;
+        st->seconds = now() - tw;
+        st->busy_seconds = g->busy;
         st->n_buckets = g->nb;
         fill_names(g, st);
     }
-    return err;
+    return g->err;
+}
+
+int comm_grad_reduce(comm_grad *g, float *grads, int step, comm_grad_stats *st) {
+    int err = comm_grad_begin(g, grads, step);
+    return err ? err : comm_grad_finish(g, st);
+}
+
+int comm_grad_overlaps(const comm_grad *g) {
+    return g->threaded;
 }
 
 const char *comm_grad_describe(const comm_grad *g, char *buf, size_t len) {
@@ -379,5 +515,9 @@ void comm_grad_explain(const comm_grad *g, FILE *f) {
     }
 }
 
-int comm_grad_n_buckets(const comm_grad *g) { return g->nb; }
-uint64_t comm_grad_total_bytes(const comm_grad *g) { return g->total; }
+int comm_grad_n_buckets(const comm_grad *g) {
+    return g->nb;
+}
+uint64_t comm_grad_total_bytes(const comm_grad *g) {
+    return g->total;
+}

@@ -36,10 +36,8 @@
  *
  * Everything collective is identical on all ranks of the communicator as
  * long as they pass the same tensors and options (true for the dp ranks of
- * one (tp, pp) coordinate). Not here: overlap of communication with
- * backward (comm.overlap), saving the error-feedback residuals in
- * checkpoints. Errors: 0 or a negative COMM_ERR_* (comm/allreduce.h), one
- * line printed.
+ * one (tp, pp) coordinate). Not here: where the gradients come from. Errors: 0 or a negative
+ * COMM_ERR_* (comm/allreduce.h), one line printed.
  */
 #ifndef MPILM_COMM_GRAD_H
 #define MPILM_COMM_GRAD_H
@@ -59,11 +57,12 @@ typedef struct {
 } comm_grad_tensor;
 
 typedef struct {
-    const char *strategy;              /* comm_ar table name or "adaptive" */
+    const char *strategy;               /* comm_ar table name or "adaptive" */
     double bw_threshold, lat_threshold; /* bytes/s, s; 0: none (adaptive) */
     const char *fallback;               /* adaptive's fallback; NULL: parameter_server */
     double bucket_mb;                   /* MiB per bucket; <= 0: one bucket */
-    int ps_ranks;                       /* comm_ar_opts.ps_ranks */
+    int overlap;  /* reduce buckets on a background thread (needs MPI_THREAD_MULTIPLE) */
+    int ps_ranks; /* comm_ar_opts.ps_ranks */
     /* compression */
     const char *cx_type; /* NULL or "none": dense */
     double ratio, min_ratio;
@@ -73,8 +72,9 @@ typedef struct {
 } comm_grad_opts;
 
 typedef struct {
-    uint64_t bytes_sent;  /* by this rank in this call */
-    double seconds;       /* wall time of the call on this rank */
+    uint64_t bytes_sent; /* by this rank in this call */
+    double seconds;      /* wall time of the call (comm_grad_finish: the wait) on this rank */
+    double busy_seconds; /* time spent reducing buckets (hidden or not) */
     int n_buckets;
     char algorithm[64];   /* "ring", "adaptive:ring", "adaptive:mixed", ... */
     char compression[32]; /* "none", "dense" (warm-up / not worth it), or the type */
@@ -93,6 +93,20 @@ void comm_grad_destroy(comm_grad *g);
 /* Collective: grads (the whole buffer) := its SUM over the ranks. step: the
  * training step (compression warm-up, random streams). st may be NULL. */
 int comm_grad_reduce(comm_grad *g, float *grads, int step, comm_grad_stats *st);
+
+/* The same in three parts, for overlap with backward: begin (local) starts
+ * the step; ready (local) declares tensors [t0, t1) final — with `overlap`
+ * the background thread reduces a bucket as soon as all its tensors are,
+ * while the caller goes on computing (it must not touch those tensors until
+ * finish); finish (collective) declares the rest final, waits, and gives
+ * the stats (seconds: the time finish waited, i.e. the communication not
+ * hidden). Buckets are reduced last to first on every rank, the order in
+ * which backward produces them; results equal comm_grad_reduce's bit for
+ * bit. Without `overlap`, all the work happens in finish. */
+int comm_grad_begin(comm_grad *g, float *grads, int step);
+void comm_grad_ready(comm_grad *g, int t0, int t1);
+int comm_grad_finish(comm_grad *g, comm_grad_stats *st);
+int comm_grad_overlaps(const comm_grad *g);
 
 /* Local: one line (no newline) describing the set-up, e.g.
  * "adaptive (3 buckets, 25 MiB) | compression int4 (error feedback, warm-up 50)". */

@@ -27,7 +27,7 @@ typedef struct {
 /* Everything one micro-batch keeps between its forward and backward. */
 typedef struct {
     float *mem;
-    float **resid; /* nl+1 buffers (N,C): input of local layer l; resid[nl] = output */
+    float **resid;  /* nl+1 buffers (N,C): input of local layer l; resid[nl] = output */
     layer_acts *la; /* nl of them, or 1 shared when recomputing */
     float *lnf, *lnf_mean, *lnf_rstd, *logits; /* last stage only */
 } slot_acts;
@@ -35,7 +35,7 @@ typedef struct {
 struct gpt {
     gpt_config cfg;
     gpt_part part;
-    int nl, C, Cl, NHl; /* local layers, width, local width and heads */
+    int nl, C, Cl, NHl;      /* local layers, width, local width and heads */
     int ntensors, lt0, head; /* first layer tensor, LM head tensor (or -1) */
     gpt_tensor *tensors;
     size_t nparams;
@@ -45,12 +45,15 @@ struct gpt {
     layer_acts shared; /* recompute: the one set of layer activations */
     float *shared_mem, *tmp, *d_resid, *d_ln, *d_big, *d_qkv, *d_atty, *d_att;
     double tp_seconds;
+    gpt_grad_hook hook; /* see gpt_set_grad_hook */
+    void *hook_ud;
+    int hook_armed;
 };
 
 static const char *layer_names[GPT_NLAYER_TENSORS] = {
-    "ln_1.weight",    "ln_1.bias",     "attn.qkv.weight", "attn.qkv.bias",
-    "attn.proj.weight", "attn.proj.bias", "ln_2.weight",   "ln_2.bias",
-    "mlp.fc.weight",  "mlp.fc.bias",   "mlp.proj.weight", "mlp.proj.bias"};
+    "ln_1.weight",      "ln_1.bias",      "attn.qkv.weight", "attn.qkv.bias",
+    "attn.proj.weight", "attn.proj.bias", "ln_2.weight",     "ln_2.bias",
+    "mlp.fc.weight",    "mlp.fc.bias",    "mlp.proj.weight", "mlp.proj.bias"};
 static const gpt_shard layer_shard[GPT_NLAYER_TENSORS] = {
     GPT_REPL, GPT_REPL, GPT_SPLIT_QKV,  GPT_SPLIT_QKV,  GPT_SPLIT_COLS, GPT_REPL,
     GPT_REPL, GPT_REPL, GPT_SPLIT_ROWS, GPT_SPLIT_ROWS, GPT_SPLIT_COLS, GPT_REPL};
@@ -59,8 +62,10 @@ int gpt_config_check(const gpt_config *c, char *err, size_t errlen) {
     const struct {
         const char *key;
         int v;
-    } pos[] = {{"model.n_layer", c->n_layer},       {"model.n_head", c->n_head},
-               {"model.n_embd", c->n_embd},         {"model.block_size", c->block_size},
+    } pos[] = {{"model.n_layer", c->n_layer},
+               {"model.n_head", c->n_head},
+               {"model.n_embd", c->n_embd},
+               {"model.block_size", c->block_size},
                {"model.vocab_size", c->vocab_size}};
     for (size_t i = 0; i < sizeof pos / sizeof pos[0]; i++)
         if (pos[i].v <= 0) {
@@ -68,14 +73,16 @@ int gpt_config_check(const gpt_config *c, char *err, size_t errlen) {
             return -1;
         }
     if (c->n_embd % c->n_head) {
-        snprintf(err, errlen, "model.n_embd (%d) must be divisible by model.n_head (%d)",
-                 c->n_embd, c->n_head);
+        snprintf(err, errlen, "model.n_embd (%d) must be divisible by model.n_head (%d)", c->n_embd,
+                 c->n_head);
         return -1;
     }
     return 0;
 }
 
-int gpt_global_ntensors(const gpt_config *cfg) { return 4 + GPT_NLAYER_TENSORS * cfg->n_layer; }
+int gpt_global_ntensors(const gpt_config *cfg) {
+    return 4 + GPT_NLAYER_TENSORS * cfg->n_layer;
+}
 
 void gpt_global_name(const gpt_config *cfg, int i, char *name, size_t len, int shape[2],
                      int *ndim) {
@@ -126,8 +133,8 @@ int gpt_create_part(const gpt_config *cfg, const gpt_part *part, gpt **out) {
     char err[128];
     *out = NULL;
     if (gpt_config_check(cfg, err, sizeof err)) return -1;
-    if (part->tp < 1 || cfg->n_head % part->tp || part->layer0 < 0 ||
-        part->layer1 > cfg->n_layer || part->layer0 > part->layer1)
+    if (part->tp < 1 || cfg->n_head % part->tp || part->layer0 < 0 || part->layer1 > cfg->n_layer ||
+        part->layer0 > part->layer1)
         return -1;
     gpt *g = calloc(1, sizeof *g);
     if (!g) return -1;
@@ -153,7 +160,8 @@ int gpt_create_part(const gpt_config *cfg, const gpt_part *part, gpt **out) {
     if (part->last) {
         add_tensor(g, 2 + GPT_NLAYER_TENSORS * L, GPT_REPL, 1);
         add_tensor(g, 3 + GPT_NLAYER_TENSORS * L, GPT_REPL, 1);
-        if (part->first) g->head = 0;
+        if (part->first)
+            g->head = 0;
         else { /* the tied LM head: a copy of wte, counted once (on the first stage) */
             g->head = g->ntensors;
             add_tensor(g, 0, GPT_REPL, 0);
@@ -170,8 +178,14 @@ fail:
 }
 
 int gpt_create(const gpt_config *cfg, gpt **out) {
-    gpt_part p = {.tp = 1, .tp_rank = 0, .tp_comm = MPI_COMM_NULL, .layer0 = 0,
-                  .layer1 = cfg->n_layer, .first = 1, .last = 1, .nslots = 1};
+    gpt_part p = {.tp = 1,
+                  .tp_rank = 0,
+                  .tp_comm = MPI_COMM_NULL,
+                  .layer0 = 0,
+                  .layer1 = cfg->n_layer,
+                  .first = 1,
+                  .last = 1,
+                  .nslots = 1};
     return gpt_create_part(cfg, &p, out);
 }
 
@@ -197,16 +211,36 @@ void gpt_destroy(gpt *g) {
     free(g);
 }
 
-const gpt_config *gpt_cfg(const gpt *g) { return &g->cfg; }
-const gpt_part *gpt_get_part(const gpt *g) { return &g->part; }
-size_t gpt_nparams(const gpt *g) { return g->nparams; }
-int gpt_ntensors(const gpt *g) { return g->ntensors; }
-const gpt_tensor *gpt_tensor_at(const gpt *g, int i) { return &g->tensors[i]; }
-float *gpt_params(gpt *g) { return g->params; }
-float *gpt_grads(gpt *g) { return g->grads; }
-int gpt_head_tensor(const gpt *g) { return g->head; }
-double gpt_tp_comm_seconds(const gpt *g) { return g->tp_seconds; }
-const float *gpt_logits(const gpt *g) { return g->slots ? g->slots[0].logits : NULL; }
+const gpt_config *gpt_cfg(const gpt *g) {
+    return &g->cfg;
+}
+const gpt_part *gpt_get_part(const gpt *g) {
+    return &g->part;
+}
+size_t gpt_nparams(const gpt *g) {
+    return g->nparams;
+}
+int gpt_ntensors(const gpt *g) {
+    return g->ntensors;
+}
+const gpt_tensor *gpt_tensor_at(const gpt *g, int i) {
+    return &g->tensors[i];
+}
+float *gpt_params(gpt *g) {
+    return g->params;
+}
+float *gpt_grads(gpt *g) {
+    return g->grads;
+}
+int gpt_head_tensor(const gpt *g) {
+    return g->head;
+}
+double gpt_tp_comm_seconds(const gpt *g) {
+    return g->tp_seconds;
+}
+const float *gpt_logits(const gpt *g) {
+    return g->slots ? g->slots[0].logits : NULL;
+}
 
 int gpt_find(const gpt *g, const char *name) {
     for (int i = 0; i < g->ntensors; i++)
@@ -218,7 +252,9 @@ int gpt_find(const gpt *g, const char *name) {
 static void take_shard(const gpt *g, const gpt_tensor *t, const float *full, float *dst) {
     int tp = g->part.tp, r = g->part.tp_rank, R = t->gshape[0], Cc = t->gshape[1];
     switch (t->shard) {
-    case GPT_REPL: memcpy(dst, full, t->numel * sizeof(float)); break;
+    case GPT_REPL:
+        memcpy(dst, full, t->numel * sizeof(float));
+        break;
     case GPT_SPLIT_ROWS:
         memcpy(dst, full + (size_t)r * (R / tp) * Cc, t->numel * sizeof(float));
         break;
@@ -248,7 +284,8 @@ void gpt_init_weights(gpt *g, uint64_t seed) {
         if (t->ndim == 1) {
             int is_ln = strstr(t->name, "ln_") != NULL;
             float v = (is_ln && dot && strcmp(dot, ".weight") == 0) ? 1.0f : 0.0f;
-            for (size_t j = 0; j < t->numel; j++) p[j] = v;
+            for (size_t j = 0; j < t->numel; j++)
+                p[j] = v;
             continue;
         }
         int is_proj = strstr(t->name, "attn.proj.weight") || strstr(t->name, "mlp.proj.weight");
@@ -257,7 +294,8 @@ void gpt_init_weights(gpt *g, uint64_t seed) {
         float *full = t->shard == GPT_REPL ? p : malloc(n * sizeof(float));
         rng_state r;
         rng_seed(&r, seed * 1000003ULL + (uint64_t)t->gindex);
-        for (size_t j = 0; full && j < n; j++) full[j] = std * rng_normal(&r);
+        for (size_t j = 0; full && j < n; j++)
+            full[j] = std * rng_normal(&r);
         if (full && full != p) {
             take_shard(g, t, full, p);
             free(full);
@@ -265,7 +303,9 @@ void gpt_init_weights(gpt *g, uint64_t seed) {
     }
 }
 
-void gpt_zero_grad(gpt *g) { memset(g->grads, 0, g->nparams * sizeof(float)); }
+void gpt_zero_grad(gpt *g) {
+    memset(g->grads, 0, g->nparams * sizeof(float));
+}
 
 static size_t layer_floats(const gpt *g, size_t N, size_t att) {
     size_t C = g->C, Cl = g->Cl;
@@ -327,8 +367,10 @@ static int ensure_acts(gpt *g, int B, int T) {
         sa->la = calloc(nl ? nl : 1, sizeof(layer_acts));
         if (!sa->mem || !sa->resid || !sa->la) goto fail;
         float *p = sa->mem;
-        for (size_t l = 0; l <= nl; l++) sa->resid[l] = take(&p, N * C);
-        for (size_t l = 0; !rec && l < nl; l++) carve_layer(&sa->la[l], &p, N, C, Cl, att);
+        for (size_t l = 0; l <= nl; l++)
+            sa->resid[l] = take(&p, N * C);
+        for (size_t l = 0; !rec && l < nl; l++)
+            carve_layer(&sa->la[l], &p, N, C, Cl, att);
         if (g->part.last) {
             sa->lnf = take(&p, N * C);
             sa->lnf_mean = take(&p, N);
@@ -361,8 +403,8 @@ static void tp_allreduce(gpt *g, float *x, size_t n) {
     g->tp_seconds += MPI_Wtime() - t0;
 }
 
-#define PW(g, l, k) ((g)->params + (g)->tensors[(g)->lt0 + (l) * GPT_NLAYER_TENSORS + (k)].offset)
-#define GW(g, l, k) ((g)->grads + (g)->tensors[(g)->lt0 + (l) * GPT_NLAYER_TENSORS + (k)].offset)
+#define PW(g, l, k) ((g)->params + (g)->tensors[(g)->lt0 + (l)*GPT_NLAYER_TENSORS + (k)].offset)
+#define GW(g, l, k) ((g)->grads + (g)->tensors[(g)->lt0 + (l)*GPT_NLAYER_TENSORS + (k)].offset)
 #define LN_F(g, which) ((g)->tensors[(g)->lt0 + (g)->nl * GPT_NLAYER_TENSORS + (which)].offset)
 
 /* Forward of local layer l: x -> out, activations into a. Row-parallel
@@ -414,10 +456,12 @@ static layer_acts *acts_of(gpt *g, slot_acts *sa, int l) {
     return g->part.recompute ? &g->shared : &sa->la[l];
 }
 
-int gpt_reserve(gpt *g, int B, int T) { return T > g->cfg.block_size ? -1 : ensure_acts(g, B, T); }
+int gpt_reserve(gpt *g, int B, int T) {
+    return T > g->cfg.block_size ? -1 : ensure_acts(g, B, T);
+}
 
-double gpt_stage_forward(gpt *g, int slot, const int *tok, const float *x_in, const int *tgt,
-                         int B, int T, float dscale) {
+double gpt_stage_forward(gpt *g, int slot, const int *tok, const float *x_in, const int *tgt, int B,
+                         int T, float dscale) {
     if (T > g->cfg.block_size || slot < 0 || slot >= g->part.nslots || ensure_acts(g, B, T))
         return -1.0;
     size_t N = (size_t)B * T;
@@ -425,8 +469,10 @@ double gpt_stage_forward(gpt *g, int slot, const int *tok, const float *x_in, co
     slot_acts *sa = &g->slots[slot];
     if (g->part.first)
         kern_encoder_fwd(sa->resid[0], tok, g->params, g->params + g->tensors[1].offset, B, T, C);
-    else if (x_in) memcpy(sa->resid[0], x_in, N * C * sizeof(float));
-    for (int l = 0; l < g->nl; l++) layer_fwd(g, l, acts_of(g, sa, l), sa->resid[l], sa->resid[l + 1], B, T);
+    else if (x_in)
+        memcpy(sa->resid[0], x_in, N * C * sizeof(float));
+    for (int l = 0; l < g->nl; l++)
+        layer_fwd(g, l, acts_of(g, sa, l), sa->resid[l], sa->resid[l + 1], B, T);
     if (!g->part.last) return 0.0;
     kern_layernorm_fwd(sa->lnf, sa->lnf_mean, sa->lnf_rstd, sa->resid[g->nl],
                        g->params + LN_F(g, 0), g->params + LN_F(g, 1), N, C);
@@ -435,8 +481,25 @@ double gpt_stage_forward(gpt *g, int slot, const int *tok, const float *x_in, co
     return kern_xent_fwd_bwd(sa->logits, tgt, N, V, dscale);
 }
 
-const float *gpt_stage_output(const gpt *g, int slot) { return g->slots[slot].resid[g->nl]; }
-const float *gpt_stage_input_grad(const gpt *g) { return g->d_resid; }
+const float *gpt_stage_output(const gpt *g, int slot) {
+    return g->slots[slot].resid[g->nl];
+}
+const float *gpt_stage_input_grad(const gpt *g) {
+    return g->d_resid;
+}
+
+void gpt_set_grad_hook(gpt *g, gpt_grad_hook fn, void *ud) {
+    g->hook = fn;
+    g->hook_ud = ud;
+}
+void gpt_arm_grad_hook(gpt *g, int armed) {
+    g->hook_armed = armed;
+}
+
+/* Tells the hook that tensors [t0, t0 + n) are final for this step. */
+static void grads_final(gpt *g, int t0, int n) {
+    if (g->hook && g->hook_armed) g->hook(g->hook_ud, t0, t0 + n);
+}
 
 void gpt_stage_backward(gpt *g, int slot, const int *tok, const float *dy, int B, int T) {
     size_t N = (size_t)B * T;
@@ -449,17 +512,26 @@ void gpt_stage_backward(gpt *g, int slot, const int *tok, const float *dy, int B
                         g->params + h->offset, N, C, V);
         memset(g->d_resid, 0, N * C * sizeof(float));
         kern_layernorm_bwd(g->d_resid, g->grads + LN_F(g, 0), g->grads + LN_F(g, 1), g->d_ln,
-                           sa->resid[g->nl], g->params + LN_F(g, 0), sa->lnf_mean, sa->lnf_rstd,
-                           N, C);
-    } else memcpy(g->d_resid, dy, N * C * sizeof(float));
+                           sa->resid[g->nl], g->params + LN_F(g, 0), sa->lnf_mean, sa->lnf_rstd, N,
+                           C);
+        grads_final(g, g->lt0 + g->nl * GPT_NLAYER_TENSORS, 2); /* ln_f */
+    } else
+        memcpy(g->d_resid, dy, N * C * sizeof(float));
     for (int l = g->nl - 1; l >= 0; l--) {
         layer_acts *a = acts_of(g, sa, l);
         if (g->part.recompute) /* rebuild this layer's activations from its input */
             layer_fwd(g, l, a, sa->resid[l], sa->resid[l + 1], B, T);
         layer_bwd(g, l, a, sa->resid[l], B, T);
+        grads_final(g, g->lt0 + l * GPT_NLAYER_TENSORS, GPT_NLAYER_TENSORS);
     }
-    if (g->part.first)
+    if (g->part.first) {
         kern_encoder_bwd(g->grads, g->grads + g->tensors[1].offset, g->d_resid, tok, B, T, C);
+        /* wte is final here only when no other stage adds the head's share */
+        if (g->part.last)
+            grads_final(g, 0, 2);
+        else
+            grads_final(g, 1, 1);
+    }
 }
 
 double gpt_forward(gpt *g, const int *tok, const int *tgt, int B, int T, float dscale) {

@@ -112,6 +112,15 @@ const float *gpt_stage_output(const gpt *g, int slot); /* (B,T,C) leaving the st
  * Afterwards gpt_stage_input_grad holds d(stage input) (not first stage). */
 void gpt_stage_backward(gpt *g, int slot, const int *tok, const float *dy, int B, int T);
 const float *gpt_stage_input_grad(const gpt *g);
+/* Gradient-ready hook (overlap of the data-parallel all-reduce with
+ * backward): while armed, gpt_stage_backward calls fn(ud, t0, t1) as soon as
+ * the local tensors [t0, t1) have their final gradient of the step (each
+ * layer, ln_f, the embeddings; not the LM head copy of a last stage nor wte
+ * when pp > 1, which the trainer sums between stages afterwards). The
+ * pipeline arms it for the last micro-batch's backward only. */
+typedef void (*gpt_grad_hook)(void *ud, int t0, int t1);
+void gpt_set_grad_hook(gpt *g, gpt_grad_hook fn, void *ud);
+void gpt_arm_grad_hook(gpt *g, int armed);
 
 /* Seconds spent in TP all-reduces since creation. */
 double gpt_tp_comm_seconds(const gpt *g);

@@ -45,7 +45,8 @@ int pipe_create(gpt *g, const grid *gr, int m, int B, int T, pipe_ctx **out) {
         pipe_destroy(p);
         return -1;
     }
-    for (int i = 0; i < p->nslots; i++) p->fwd_req[i] = MPI_REQUEST_NULL;
+    for (int i = 0; i < p->nslots; i++)
+        p->fwd_req[i] = MPI_REQUEST_NULL;
     p->bwd_req = MPI_REQUEST_NULL;
     *out = p;
     return 0;
@@ -99,7 +100,9 @@ static void bwd(pipe_ctx *p, const tokfile *tf, uint64_t base, int a, pipe_times
     if (!pt->last) timed_recv(p, p->dybuf, p->next, TAG(1, a), tm);
     if (pt->first) read_mb(p, tf, base, a);
     double t0 = MPI_Wtime();
+    gpt_arm_grad_hook(p->g, a == p->m - 1); /* 1F1B runs the backwards in order */
     gpt_stage_backward(p->g, slot, p->inp, p->dybuf, p->B, p->T);
+    gpt_arm_grad_hook(p->g, 0);
     tm->bwd_s += MPI_Wtime() - t0;
     if (!pt->first) {
         MPI_Wait(&p->bwd_req, MPI_STATUS_IGNORE);
@@ -115,12 +118,14 @@ double pipe_train_step(pipe_ctx *p, const tokfile *tf, uint64_t base, float dsca
     double loss = 0;
     /* 1F1B: warm-up forwards, then one forward and one backward, then the
      * remaining backwards (with pp = 1: forward, backward, forward, ...). */
-    for (int a = 0; a < warm; a++) loss += fwd(p, tf, base, a, dscale, tm);
+    for (int a = 0; a < warm; a++)
+        loss += fwd(p, tf, base, a, dscale, tm);
     for (int i = 0; i < m - warm; i++) {
         loss += fwd(p, tf, base, warm + i, dscale, tm);
         bwd(p, tf, base, i, tm);
     }
-    for (int a = m - warm; a < m; a++) bwd(p, tf, base, a, tm);
+    for (int a = m - warm; a < m; a++)
+        bwd(p, tf, base, a, tm);
     MPI_Waitall(p->nslots, p->fwd_req, MPI_STATUSES_IGNORE);
     MPI_Wait(&p->bwd_req, MPI_STATUS_IGNORE);
     return loss;

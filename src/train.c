@@ -10,8 +10,8 @@
 #include "src/gpt.h"
 #include "src/gptio.h"
 #include "src/grid.h"
-#include "src/pipe.h"
 #include "src/optim.h"
+#include "src/pipe.h"
 #include "src/spmd.h"
 
 #include <math.h>
@@ -47,7 +47,8 @@ static void fmt_eta(char *b, size_t n, double s) {
 static void fmt_bytes(char *b, size_t n, double v) {
     const char *u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
     int i = 0;
-    while (v >= 1024 && i < 4) v /= 1024, i++;
+    while (v >= 1024 && i < 4)
+        v /= 1024, i++;
     snprintf(b, n, "%.1f %s", v, u[i]);
 }
 
@@ -78,9 +79,12 @@ static int save(trainer *t, int step, long long tokens) {
     const job_config *c = t->cfg;
     char err[1024] = "";
     char *yaml = config_to_yaml(c);
-    ckpt_meta m = {.step = step, .tokens_seen = tokens,
+    ckpt_meta m = {.step = step,
+                   .tokens_seen = tokens,
                    .layout = {t->dp, t->grid.tp, t->grid.pp},
-                   .optim_t = t->opt.t, .seed = c->train.seed, .config = yaml};
+                   .optim_t = t->opt.t,
+                   .seed = c->train.seed,
+                   .config = yaml};
     ckpt_save_opts so = {c->checkpoint.keep_last, c->checkpoint.keep_every, -1, -1};
     /* MPILM_FAULT=ckpt_kill:RANK:N kills RANK after N datasets of a save
      * (fault-injection tests of the atomic commit) */
@@ -98,8 +102,8 @@ static int save(trainer *t, int step, long long tokens) {
                               &m, &so);
         snprintf(err, sizeof err, "cannot start the background checkpoint writer");
     } else
-        rc = gptio_save(t->comm, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, &t->opt, &m,
-                        &so, err, sizeof err);
+        rc = gptio_save(t->comm, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, &t->opt, &m, &so,
+                        err, sizeof err);
     free(yaml);
     if (spmd_agree(t->comm, rc ? -1 : 0, PROG, err)) {
         if (rc == CKPT_ERR_FATAL) MPI_Abort(t->comm, 1); /* see io/ckpt.h */
@@ -134,6 +138,12 @@ static int maybe_resume(trainer *t) {
         printf("resumed from %s at step %lld (written with layout dp=%d tp=%d pp=%d)\n", file,
                m.step, m.layout[0], m.layout[1], m.layout[2]);
     return (int)m.step;
+}
+
+/* gpt's gradient-ready hook: hands finished tensors to the reducer, whose
+ * thread all-reduces a bucket while backward goes on (comm.overlap). */
+static void grads_final(void *red, int t0, int t1) {
+    comm_grad_ready(red, t0, t1);
 }
 
 static int setup(trainer *t, MPI_Comm comm, const job_config *c, int quiet) {
@@ -177,10 +187,13 @@ static int setup(trainer *t, MPI_Comm comm, const job_config *c, int quiet) {
     }
     if (spmd_agree(comm, rc, PROG, err)) return -1;
 
-    gpt_part part = {.tp = tp, .tp_rank = t->grid.tp_rank,
+    gpt_part part = {.tp = tp,
+                     .tp_rank = t->grid.tp_rank,
                      .tp_comm = tp > 1 ? t->grid.tp_comm : MPI_COMM_NULL,
-                     .first = t->grid.pp_rank == 0, .last = t->grid.pp_rank == pp - 1,
-                     .nslots = pipe_slots(&t->grid, t->m), .recompute = c->train.recompute};
+                     .first = t->grid.pp_rank == 0,
+                     .last = t->grid.pp_rank == pp - 1,
+                     .nslots = pipe_slots(&t->grid, t->m),
+                     .recompute = c->train.recompute};
     grid_stage_layers(c->model.n_layer, pp, t->grid.pp_rank, &part.layer0, &part.layer1);
     rc = gpt_create_part(&c->model, &part, &t->g) ||
          optim_init(&t->opt, gpt_nparams(t->g), c->train.beta1, c->train.beta2, c->train.eps,
@@ -195,29 +208,40 @@ static int setup(trainer *t, MPI_Comm comm, const job_config *c, int quiet) {
     rc = !gt;
     for (int i = 0; gt && i < nt; i++) {
         const gpt_tensor *e = gpt_tensor_at(t->g, i);
-        gt[i] = (comm_grad_tensor){.numel = e->numel, .ndim = e->ndim,
-                                   .shape = {e->shape[0], e->shape[1]}};
+        gt[i] = (comm_grad_tensor){
+            .numel = e->numel, .ndim = e->ndim, .shape = {e->shape[0], e->shape[1]}};
     }
-    comm_grad_opts go = {
-        .strategy = c->comm.strategy, .bw_threshold = c->comm.bw_threshold,
-        .lat_threshold = c->comm.lat_threshold, .fallback = c->comm.fallback,
-        .bucket_mb = c->comm.bucket_mb, .ps_ranks = c->comm.ps_ranks,
-        .cx_type = c->comm.compression.type, .ratio = c->comm.compression.ratio,
-        .min_ratio = c->comm.compression.min_ratio, .bits = c->comm.compression.bits,
-        .rank = c->comm.compression.rank, .error_feedback = c->comm.compression.error_feedback,
-        .warmup_steps = c->comm.compression.warmup_steps, .seed = (uint64_t)c->train.seed,
-        .log = t->rank == 0 ? stdout : NULL};
+    comm_grad_opts go = {.strategy = c->comm.strategy,
+                         .bw_threshold = c->comm.bw_threshold,
+                         .lat_threshold = c->comm.lat_threshold,
+                         .fallback = c->comm.fallback,
+                         .bucket_mb = c->comm.bucket_mb,
+                         .overlap = c->comm.overlap,
+                         .ps_ranks = c->comm.ps_ranks,
+                         .cx_type = c->comm.compression.type,
+                         .ratio = c->comm.compression.ratio,
+                         .min_ratio = c->comm.compression.min_ratio,
+                         .bits = c->comm.compression.bits,
+                         .rank = c->comm.compression.rank,
+                         .error_feedback = c->comm.compression.error_feedback,
+                         .warmup_steps = c->comm.compression.warmup_steps,
+                         .seed = (uint64_t)c->train.seed,
+                         .log = t->rank == 0 ? stdout : NULL};
     if (!rc) rc = comm_grad_create(t->grid.dp_comm, &go, gt, nt, &t->red);
     free(gt);
-    snprintf(err, sizeof err, "comm.strategy %s, comm.compression.type %s: cannot set up the "
-             "gradient all-reduce", c->comm.strategy, c->comm.compression.type);
+    snprintf(err, sizeof err,
+             "comm.strategy %s, comm.compression.type %s: cannot set up the "
+             "gradient all-reduce",
+             c->comm.strategy, c->comm.compression.type);
     if (spmd_agree(comm, rc, PROG, err)) return -1;
+    if (comm_grad_overlaps(t->red)) gpt_set_grad_hook(t->g, grads_final, t->red);
     if (c->checkpoint.async && c->checkpoint.dir[0]) {
         int level;
         MPI_Query_thread(&level);
         rc = level < MPI_THREAD_MULTIPLE || ckpt_async_create(comm, &t->async);
-        snprintf(err, sizeof err, "checkpoint.async needs MPI_THREAD_MULTIPLE, which this MPI "
-                                  "library did not provide");
+        snprintf(err, sizeof err,
+                 "checkpoint.async needs MPI_THREAD_MULTIPLE, which this MPI "
+                 "library did not provide");
         if (spmd_agree(comm, rc, PROG, err)) return -1;
     }
     if (t->rank == 0) {
@@ -243,7 +267,8 @@ static void print_memory(trainer *t) {
            c->train.recompute ? " (recompute on; without it)" : "");
     for (int r = 0; r < t->world; r++) {
         char b[5][32];
-        for (int k = 0; k < 5; k++) fmt_bytes(b[k], sizeof b[k], all[5 * r + k]);
+        for (int k = 0; k < 5; k++)
+            fmt_bytes(b[k], sizeof b[k], all[5 * r + k]);
         printf("  rank %-3d %10s %10s %10s %12s", r, b[0], b[1], b[2], b[3]);
         if (c->train.recompute)
             printf(" (%s; saves %.0f%%)", b[4], 100.0 * (1 - all[5 * r + 3] / all[5 * r + 4]));
@@ -331,21 +356,24 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
     float dscale = (float)(1.0 / tokens_per_step);
     for (int s = start; s < steps; s++) {
         double t0 = spmd_now();
-        double lr = optim_lr(c->train.schedule, c->train.lr, c->train.min_lr, c->train.warmup,
-                             steps, s);
+        double lr =
+            optim_lr(c->train.schedule, c->train.lr, c->train.min_lr, c->train.warmup, steps, s);
         gpt_zero_grad(t.g);
         /* global rows of step s: [s*G, (s+1)*G) in batch order; data-parallel
          * rank r takes micro-batches a*dp + r (see pipe.h) */
         uint64_t base = (uint64_t)(s % nb) * G * T;
         pipe_times tm = {0};
         double tp0 = gpt_tp_comm_seconds(t.g);
+        rc = comm_grad_begin(t.red, gpt_grads(t.g), s);
+        if (spmd_agree(comm, rc, PROG, "gradient all-reduce failed")) goto done;
         double loss_sum = pipe_train_step(t.pipe, &t.train, base, dscale, &tm);
         double t1 = spmd_now(), phase = t1 - t0;
-        if (t.grid.pp > 1) MPI_Allreduce(MPI_IN_PLACE, &phase, 1, MPI_DOUBLE, MPI_MAX, t.grid.pp_comm);
+        if (t.grid.pp > 1)
+            MPI_Allreduce(MPI_IN_PLACE, &phase, 1, MPI_DOUBLE, MPI_MAX, t.grid.pp_comm);
         double idle = t.grid.pp > 1 ? phase - tm.fwd_s - tm.bwd_s : 0;
         comm_grad_stats cst;
         sum_tied_embedding(&t);
-        rc = comm_grad_reduce(t.red, gpt_grads(t.g), s, &cst);
+        rc = comm_grad_finish(t.red, &cst);
         double loss_all = 0;
         MPI_Allreduce(&loss_sum, &loss_all, 1, MPI_DOUBLE, MPI_SUM, comm);
         double comm_s = spmd_now() - t1 + gpt_tp_comm_seconds(t.g) - tp0;
@@ -373,8 +401,8 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
         }
         res->final_loss = loss;
         res->steps_done = s + 1;
-        int last = s + 1 == steps, val_due = c->train.eval_every > 0 &&
-                                                ((s + 1) % c->train.eval_every == 0 || last);
+        int last = s + 1 == steps,
+            val_due = c->train.eval_every > 0 && ((s + 1) % c->train.eval_every == 0 || last);
         double val = val_due ? evaluate(&t) : -1;
         if (val_due) res->final_val_loss = val;
         if (t.rank == 0) {
@@ -394,6 +422,7 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
             metrics_num(m, "comm_ms", comm_s * 1e3);
             metrics_int(m, "bytes_sent", (long long)cst.bytes_sent);
             metrics_num(m, "dp_allreduce_ms", cst.seconds * 1e3);
+            metrics_num(m, "dp_allreduce_busy_ms", cst.busy_seconds * 1e3);
             metrics_str(m, "algorithm", cst.algorithm);
             metrics_str(m, "compression", cst.compression);
             metrics_emit(m, 1);
@@ -412,7 +441,8 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
         }
         int every = c->checkpoint.every, stop = stop_flag ? *stop_flag : 0, any_stop = 0;
         MPI_Allreduce(&stop, &any_stop, 1, MPI_INT, MPI_MAX, comm);
-        int save_now = c->checkpoint.dir[0] && (any_stop || last || (every > 0 && (s + 1) % every == 0));
+        int save_now =
+            c->checkpoint.dir[0] && (any_stop || last || (every > 0 && (s + 1) % every == 0));
         if (save_now && (rc = save(&t, s + 1, (long long)(s + 1) * (long long)tokens_per_step)))
             goto done;
         if (any_stop && !last) {
@@ -466,10 +496,14 @@ int train_main(int argc, char **argv, MPI_Comm comm, volatile sig_atomic_t *stop
             if (rank == 0) usage(stdout);
             free(sets);
             return 0;
-        } else if (!strcmp(argv[i], "--set") && i + 1 < argc) sets[nsets++] = argv[++i];
-        else if (!strncmp(argv[i], "--set=", 6)) sets[nsets++] = argv[i] + 6;
-        else if (argv[i][0] != '-' && !job) job = argv[i];
-        else bad = 1;
+        } else if (!strcmp(argv[i], "--set") && i + 1 < argc)
+            sets[nsets++] = argv[++i];
+        else if (!strncmp(argv[i], "--set=", 6))
+            sets[nsets++] = argv[i] + 6;
+        else if (argv[i][0] != '-' && !job)
+            job = argv[i];
+        else
+            bad = 1;
     }
     if (bad || !job) {
         if (rank == 0) usage(stderr);
