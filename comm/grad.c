@@ -459,6 +459,32 @@ int comm_grad_overlaps(const comm_grad *g) {
     return g->threaded;
 }
 
+/* Visits every state array of the buckets in order (residual, then Q):
+ * copies them to out and/or from in; returns the total length. */
+static size_t state_walk(comm_grad *g, float *out, const float *in) {
+    size_t off = 0;
+    for (int i = 0; i < g->nb; i++) {
+        if (!g->b[i].cx) continue;
+        for (int k = 0; k < 2; k++) {
+            size_t len = 0;
+            float *p = k == 0 ? comm_cx_residual(g->b[i].cx, &len) : comm_cx_state(g->b[i].cx, &len);
+            if (!p) continue;
+            if (out) memcpy(out + off, p, len * sizeof(float));
+            if (in) memcpy(p, in + off, len * sizeof(float));
+            off += len;
+        }
+    }
+    return off;
+}
+
+size_t comm_grad_state(comm_grad *g, float *buf) { return state_walk(g, buf, NULL); }
+
+int comm_grad_set_state(comm_grad *g, const float *buf, size_t n) {
+    if (n != state_walk(g, NULL, NULL)) return COMM_ERR_ARG;
+    state_walk(g, NULL, buf);
+    return 0;
+}
+
 const char *comm_grad_describe(const comm_grad *g, char *buf, size_t len) {
     char mb[32];
     size_t big = 0;

@@ -108,6 +108,16 @@ void comm_grad_ready(comm_grad *g, int t0, int t1);
 int comm_grad_finish(comm_grad *g, comm_grad_stats *st);
 int comm_grad_overlaps(const comm_grad *g);
 
+/* Local: the compressors' state that exact resume needs (error-feedback
+ * residuals, PowerSGD's Q), all buckets concatenated; it depends on the
+ * rank count and the buckets, so restore it only into a reducer made with
+ * the same options on the same layout. comm_grad_state returns its length
+ * and copies it to buf unless buf is NULL (0: no state, e.g. dense or one
+ * rank); comm_grad_set_state restores it (COMM_ERR_ARG if n differs). Not
+ * during a step. */
+size_t comm_grad_state(comm_grad *g, float *buf);
+int comm_grad_set_state(comm_grad *g, const float *buf, size_t n);
+
 /* Local: one line (no newline) describing the set-up, e.g.
  * "adaptive (3 buckets, 25 MiB) | compression int4 (error feedback, warm-up 50)". */
 const char *comm_grad_describe(const comm_grad *g, char *buf, size_t len);

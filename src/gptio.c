@@ -45,7 +45,8 @@ static void sel_rows(ckpt_tensor *c, uint64_t a, uint64_t b) {
     uint64_t base = 0;
     uint64_t r0[CKPT_MAX_SEG], nr[CKPT_MAX_SEG];
     for (int k = 0; k < c->nseg; k++) {
-        uint64_t lo = a > base ? a : base, hi = b < base + c->seg_nrows[k] ? b : base + c->seg_nrows[k];
+        uint64_t lo = a > base ? a : base,
+                 hi = b < base + c->seg_nrows[k] ? b : base + c->seg_nrows[k];
         if (hi > lo) {
             r0[n] = c->seg_row0[k] + (lo - base);
             nr[n++] = hi - lo;
@@ -76,8 +77,10 @@ static ckpt_tensor *tensor_list(gpt *g, float *const *bufs, int ngroups, int dp_
         free(t);
         return NULL;
     }
-    for (int i = 0; i < n; i++) local[i] = -1;
-    for (int i = gpt_ntensors(g) - 1; i >= 0; i--) /* backwards: wte itself wins over the head copy */
+    for (int i = 0; i < n; i++)
+        local[i] = -1;
+    for (int i = gpt_ntensors(g) - 1; i >= 0;
+         i--) /* backwards: wte itself wins over the head copy */
         local[gpt_tensor_at(g, i)->gindex] = i;
     for (int k = 0; k < ngroups; k++)
         for (int i = 0; i < n; i++) {
@@ -99,7 +102,8 @@ static ckpt_tensor *tensor_list(gpt *g, float *const *bufs, int ngroups, int dp_
             if (!save) continue;
             int writes = (gt->shard != GPT_REPL || pt->tp_rank == 0) && !(i == 0 && !pt->first);
             uint64_t R = 0;
-            for (int s = 0; s < c->nseg; s++) R += c->seg_nrows[s];
+            for (int s = 0; s < c->nseg; s++)
+                R += c->seg_nrows[s];
             uint64_t a = writes ? R * (uint64_t)dp_rank / (uint64_t)dp : 0;
             uint64_t b = writes ? R * (uint64_t)(dp_rank + 1) / (uint64_t)dp : 0;
             sel_rows(c, a, b);
@@ -115,31 +119,113 @@ ckpt_tensor *gptio_tensor_list(gpt *g, int with_optim, int *nt) {
     return tensor_list(g, bufs, with_optim ? NGROUPS : 1, 0, 1, 0, nt);
 }
 
-void gptio_free_list(ckpt_tensor *t, int nt) { free_list(t, nt); }
+void gptio_free_list(ckpt_tensor *t, int nt) {
+    free_list(t, nt);
+}
 
 static void free_list(ckpt_tensor *t, int nt) {
-    for (int i = 0; t && i < nt; i++) free((char *)t[i].name);
+    for (int i = 0; t && i < nt; i++)
+        free((char *)t[i].name);
     free(t);
 }
 
-int gptio_save(MPI_Comm comm, int dp_rank, int dp, const char *dir, gpt *g, const optim *o,
-               const ckpt_meta *meta, const ckpt_save_opts *opts, char *err, size_t errlen) {
-    int nt = 0;
+/* The model's list plus the rank-state row (rs may be NULL): *pad gets the
+ * zero-padded copy of the row, freed by the caller after the save. */
+static ckpt_tensor *save_list(gpt *g, const optim *o, const gptio_rank_state *rs, int dp_rank,
+                              int dp, float **pad, int *nt) {
     float *bufs[NGROUPS] = {gpt_params(g), o ? o->m : NULL, o ? o->v : NULL};
-    ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, dp_rank, dp, 1, &nt);
+    *pad = NULL;
+    ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, dp_rank, dp, 1, nt);
+    if (!t || !rs) return t;
+    ckpt_tensor *t2 = realloc(t, (size_t)(*nt + 1) * sizeof *t);
+    *pad = calloc(rs->maxlen + 1, sizeof(float));
+    if (!t2 || !*pad || rs->len > rs->maxlen) {
+        free_list(t2 ? t2 : t, *nt);
+        free(*pad);
+        *pad = NULL;
+        return NULL;
+    }
+    memcpy(*pad, rs->data, rs->len * sizeof(float));
+    t2[*nt] = (ckpt_tensor){.name = strdup(rs->name),
+                            .ndim = 2,
+                            .rows = (uint64_t)rs->rows,
+                            .cols = rs->maxlen,
+                            .row0 = (uint64_t)rs->row,
+                            .nrows = 1,
+                            .data = *pad};
+    if (!t2[*nt].name) {
+        free_list(t2, *nt);
+        free(*pad);
+        *pad = NULL;
+        return NULL;
+    }
+    (*nt)++;
+    return t2;
+}
+
+int gptio_save(MPI_Comm comm, int dp_rank, int dp, const char *dir, gpt *g, const optim *o,
+               const gptio_rank_state *rs, const ckpt_meta *meta, const ckpt_save_opts *opts,
+               char *err, size_t errlen) {
+    int nt = 0;
+    float *pad;
+    ckpt_tensor *t = save_list(g, o, rs, dp_rank, dp, &pad, &nt);
     int rc = t ? ckpt_save(comm, dir, t, nt, meta, opts, err, errlen) : -1;
+    if (!t) snprintf(err, errlen, "out of memory for the checkpoint's tensor list");
     free_list(t, nt);
+    free(pad);
     return rc;
 }
 
-int gptio_save_async(ckpt_async *a, int dp_rank, int dp, const char *dir, gpt *g,
-                     const optim *o, const ckpt_meta *meta, const ckpt_save_opts *opts) {
+int gptio_save_async(ckpt_async *a, int dp_rank, int dp, const char *dir, gpt *g, const optim *o,
+                     const gptio_rank_state *rs, const ckpt_meta *meta,
+                     const ckpt_save_opts *opts) {
     int nt = 0;
-    float *bufs[NGROUPS] = {gpt_params(g), o ? o->m : NULL, o ? o->v : NULL};
-    ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, dp_rank, dp, 1, &nt);
-    int rc = ckpt_async_start(a, dir, t, t ? nt : 0, meta, opts);
+    float *pad;
+    ckpt_tensor *t = save_list(g, o, rs, dp_rank, dp, &pad, &nt);
+    int rc = ckpt_async_start(a, dir, t, t ? nt : 0, meta, opts); /* copies the data */
     free_list(t, nt);
+    free(pad);
     return rc;
+}
+
+int gptio_load_rank_state(MPI_Comm comm, const char *file, gptio_rank_state *rs, char *err,
+                          size_t errlen) {
+    int rank, ok = 0;
+    MPI_Comm_rank(comm, &rank);
+    ckpt_tensor t = {.name = rs->name,
+                     .ndim = 2,
+                     .rows = (uint64_t)rs->rows,
+                     .cols = rs->maxlen,
+                     .row0 = (uint64_t)rs->row,
+                     .nrows = 1};
+    if (rank == 0) { /* present with this shape? (the reason goes to err) */
+        char *msg = NULL;
+        size_t ml = 0;
+        FILE *m = open_memstream(&msg, &ml);
+        ok = m && ckpt_check_shapes(file, &t, 1, m) == 0;
+        if (m) fclose(m);
+        if (!ok) snprintf(err, errlen, "%s", msg && *msg ? msg : "cannot check the file");
+        size_t n = strlen(err);
+        if (n && err[n - 1] == '\n') err[n - 1] = 0;
+        free(msg);
+    }
+    MPI_Bcast(&ok, 1, MPI_INT, 0, comm);
+    if (!ok) return 0;
+    float *row = calloc(rs->maxlen + 1, sizeof(float));
+    int bad = !row, all = 0;
+    MPI_Allreduce(&bad, &all, 1, MPI_INT, MPI_MAX, comm);
+    if (all) {
+        free(row);
+        snprintf(err, errlen, "out of memory for %s", rs->name);
+        return -1;
+    }
+    t.data = row;
+    ckpt_meta m = {0};
+    int rc = ckpt_load(comm, file, &t, 1, &m, err, errlen);
+    free(m.config);
+    if (rc == 0) memcpy(rs->data, row, rs->len * sizeof(float));
+    free(row);
+    return rc ? -1 : 1;
 }
 
 int gptio_load(MPI_Comm comm, const char *file, gpt *g, optim *o, ckpt_meta *meta, char *err,

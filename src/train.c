@@ -75,6 +75,67 @@ static int save_wait(trainer *t) {
     return 0;
 }
 
+/* The gradient compressors' state (comm_grad_state) of every rank, one row
+ * per world rank of COMM_STATE; rs->maxlen is 0 when no rank has any.
+ * Collective. */
+#define COMM_STATE "comm/compressor_state"
+static int comm_state(trainer *t, gptio_rank_state *rs) {
+    uint64_t len = comm_grad_state(t->red, NULL), mx = 0;
+    MPI_Allreduce(&len, &mx, 1, MPI_UINT64_T, MPI_MAX, t->comm);
+    *rs = (gptio_rank_state){.name = COMM_STATE, .len = len, .maxlen = mx, .row = t->rank,
+                             .rows = t->world};
+    if (mx == 0) return 0;
+    rs->data = malloc((len + 1) * sizeof(float));
+    if (rs->data) comm_grad_state(t->red, rs->data);
+    return rs->data ? 0 : -1;
+}
+
+/* Restores the compressors' state from FILE when it was written by the same
+ * layout with the same compression and buckets (saved is its config);
+ * otherwise error feedback starts from zero, which is said. Collective. */
+static int resume_comm_state(trainer *t, const char *file, const ckpt_meta *m,
+                             const job_config *saved) {
+    const job_config *c = t->cfg;
+    gptio_rank_state rs;
+    if (comm_state(t, &rs)) return spmd_agree(t->comm, -1, PROG, "out of memory");
+    if (rs.maxlen == 0) return 0; /* nothing to restore */
+    char why[1024] = "";
+    const char *diff = NULL;
+    if (m->layout[0] != t->dp || m->layout[1] != t->grid.tp || m->layout[2] != t->grid.pp)
+        diff = "the parallel layout";
+    else if (!saved)
+        diff = "the stored config";
+    else if (strcmp(saved->comm.compression.type, c->comm.compression.type) ||
+             saved->comm.compression.bits != c->comm.compression.bits ||
+             saved->comm.compression.rank != c->comm.compression.rank ||
+             saved->comm.compression.ratio != c->comm.compression.ratio ||
+             saved->comm.compression.min_ratio != c->comm.compression.min_ratio ||
+             saved->comm.compression.error_feedback != c->comm.compression.error_feedback)
+        diff = "comm.compression";
+    else if (saved->comm.bucket_mb != c->comm.bucket_mb)
+        diff = "comm.bucket_mb";
+    int got = 0;
+    if (!diff) {
+        got = gptio_load_rank_state(t->comm, file, &rs, why, sizeof why);
+        if (got == 1) got = comm_grad_set_state(t->red, rs.data, rs.len) ? -1 : 1;
+        if (got < 0) {
+            free(rs.data);
+            return spmd_agree(t->comm, -1, PROG, why[0] ? why : "cannot restore the compressor state");
+        }
+    }
+    free(rs.data);
+    if (t->rank == 0) {
+        if (got == 1)
+            printf("resumed the gradient compressors' error feedback (%llu values per rank)\n",
+                   (unsigned long long)rs.maxlen);
+        else
+            printf("note: gradient compressor state not restored (%s%s): error feedback starts "
+                   "from zero\n",
+                   diff ? diff : why, diff ? " differs from the checkpoint's" : "");
+    }
+    return 0;
+}
+
 static int save(trainer *t, int step, long long tokens) {
     const job_config *c = t->cfg;
     char err[1024] = "";
@@ -92,19 +153,25 @@ static int save(trainer *t, int step, long long tokens) {
     if (fault && sscanf(fault, "ckpt_kill:%d:%d", &so.fault_rank, &so.fault_after) != 2)
         so.fault_rank = so.fault_after = -1;
     double t0 = spmd_now();
-    int rc;
+    gptio_rank_state rs;
+    int rc = comm_state(t, &rs);
+    if (spmd_agree(t->comm, rc, PROG, "out of memory for the compressor state")) {
+        free(yaml);
+        return -1;
+    }
     if (t->async) {
         if (save_wait(t)) {
             free(yaml);
             return -1;
         }
         rc = gptio_save_async(t->async, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, &t->opt,
-                              &m, &so);
+                              rs.maxlen ? &rs : NULL, &m, &so);
         snprintf(err, sizeof err, "cannot start the background checkpoint writer");
     } else
-        rc = gptio_save(t->comm, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, &t->opt, &m, &so,
-                        err, sizeof err);
+        rc = gptio_save(t->comm, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, &t->opt,
+                        rs.maxlen ? &rs : NULL, &m, &so, err, sizeof err);
     free(yaml);
+    free(rs.data);
     if (spmd_agree(t->comm, rc ? -1 : 0, PROG, err)) {
         if (rc == CKPT_ERR_FATAL) MPI_Abort(t->comm, 1); /* see io/ckpt.h */
         return -1;
@@ -132,11 +199,17 @@ static int maybe_resume(trainer *t) {
     int rc = ckpt_resolve(c->checkpoint.dir, file, sizeof file, err, sizeof err);
     if (spmd_agree(t->comm, rc, PROG, err)) return -1;
     rc = gptio_load(t->comm, file, t->g, &t->opt, &m, err, sizeof err);
-    free(m.config);
-    if (spmd_agree(t->comm, rc, PROG, err)) return -1;
+    if (spmd_agree(t->comm, rc, PROG, err)) {
+        free(m.config);
+        return -1;
+    }
     if (t->rank == 0)
         printf("resumed from %s at step %lld (written with layout dp=%d tp=%d pp=%d)\n", file,
                m.step, m.layout[0], m.layout[1], m.layout[2]);
+    job_config saved;
+    int have_cfg = m.config && config_load_text(&saved, file, m.config, err, sizeof err) == 0;
+    free(m.config);
+    if (resume_comm_state(t, file, &m, have_cfg ? &saved : NULL)) return -1;
     return (int)m.step;
 }
 
