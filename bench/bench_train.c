@@ -35,9 +35,9 @@ static int run_one(MPI_Comm comm, job_config c, int tp, int pp, int m, const cha
     double pred = (double)(pp - 1) / (m + pp - 1);
     if (rank == 0) {
         printf("  dp=%d tp=%d pp=%d m=%-3d %9.1f ms/step %9.0f tokens/s  MFU %5.1f%%  bubble %5.1f%% "
-               "(predicted %5.1f%%)  loss %.4f\n",
+               "(predicted %5.1f%%)  dp all-reduce wait %.1f ms/step  loss %.4f\n",
                dp, tp, pp, m, r.step_ms, r.tokens_per_s, 100 * r.mfu, 100 * r.bubble, 100 * pred,
-               r.final_loss);
+               r.comm_ms, r.final_loss);
         FILE *f = csv ? bench_csv_open(csv, "job,ranks,dp,tp,pp,microbatches,step_ms,tokens_per_s,"
                                             "mfu,peak_gflops,bubble,bubble_predicted")
                       : NULL;
