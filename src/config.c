@@ -16,9 +16,9 @@ typedef enum { K_INT, K_FLOAT, K_BOOL, K_STR, K_ENUM, K_BW, K_TIME } key_type;
 typedef struct {
     const char *key;
     key_type type;
-    size_t off, size; /* size: for strings */
-    const char *def;  /* default as text; NULL = required */
-    double lo, hi;    /* numeric range */
+    size_t off, size;    /* size: for strings */
+    const char *def;     /* default as text; NULL = required */
+    double lo, hi;       /* numeric range */
     const char *choices; /* K_ENUM: "a|b|c" */
 } key_spec;
 
@@ -62,15 +62,14 @@ static const key_spec schema[] = {
     {"comm.bucket_mb", K_FLOAT, O(comm.bucket_mb), 0, "25", 0, 1e6, NULL},
     {"comm.overlap", K_BOOL, O(comm.overlap), 0, "false", 0, 0, NULL},
     {"comm.ps_ranks", K_INT, O(comm.ps_ranks), 0, "0", 0, 4096, NULL},
-    {"comm.compression.type", K_ENUM, O(comm.compression.type), S(comm.compression.type), "none",
-     0, 0, "none|fp16|bf16|int|int8|int4|int2|topk|powersgd"},
+    {"comm.compression.type", K_ENUM, O(comm.compression.type), S(comm.compression.type), "none", 0,
+     0, "none|fp16|bf16|int|int8|int4|int2|topk|powersgd"},
     {"comm.compression.ratio", K_FLOAT, O(comm.compression.ratio), 0, "0.01", 0, 1, NULL},
-    {"comm.compression.min_ratio", K_FLOAT, O(comm.compression.min_ratio), 0, "1.5", 1, BIG,
-     NULL},
+    {"comm.compression.min_ratio", K_FLOAT, O(comm.compression.min_ratio), 0, "1.5", 1, BIG, NULL},
     {"comm.compression.bits", K_INT, O(comm.compression.bits), 0, "8", 2, 16, NULL},
     {"comm.compression.rank", K_INT, O(comm.compression.rank), 0, "4", 1, 1024, NULL},
-    {"comm.compression.error_feedback", K_BOOL, O(comm.compression.error_feedback), 0, "true",
-     0, 0, NULL},
+    {"comm.compression.error_feedback", K_BOOL, O(comm.compression.error_feedback), 0, "true", 0, 0,
+     NULL},
     {"comm.compression.warmup_steps", K_INT, O(comm.compression.warmup_steps), 0, "50", 0, 1e9,
      NULL},
     {"checkpoint.dir", K_STR, O(checkpoint.dir), S(checkpoint.dir), "", 0, 0, NULL},
@@ -87,14 +86,6 @@ static const key_spec schema[] = {
 #undef S
 #define NKEYS ((int)(sizeof schema / sizeof schema[0]))
 _Static_assert(NKEYS <= 64, "job_config.origin too small");
-
-/* Values this build accepts for keys whose full range belongs to later
- * features; the message says what is missing rather than ignoring the key. */
-static const struct {
-    const char *key, *why;
-} not_yet[] = {
-    {"comm.ps_ranks", "dedicated parameter-server ranks are not available in this build"},
-};
 
 static int find_key(const char *key) {
     for (int i = 0; i < NKEYS; i++)
@@ -123,13 +114,14 @@ int config_parse_bandwidth(const char *s, double *out) {
     errno = 0;
     double v = strtod(s, &end);
     if (end == s || errno || v < 0) return -1;
-    while (isspace((unsigned char)*end)) end++;
+    while (isspace((unsigned char)*end))
+        end++;
     static const struct {
         const char *u;
         double f;
-    } units[] = {{"B/s", 1},      {"KB/s", 1e3},      {"MB/s", 1e6},      {"GB/s", 1e9},
-                 {"TB/s", 1e12},  {"KiB/s", 1024.0},  {"MiB/s", 1048576.0}, {"GiB/s", 1073741824.0},
-                 {"Kbit/s", 125}, {"Mbit/s", 125e3},  {"Gbit/s", 125e6},  {"", 1}};
+    } units[] = {{"B/s", 1},      {"KB/s", 1e3},     {"MB/s", 1e6},        {"GB/s", 1e9},
+                 {"TB/s", 1e12},  {"KiB/s", 1024.0}, {"MiB/s", 1048576.0}, {"GiB/s", 1073741824.0},
+                 {"Kbit/s", 125}, {"Mbit/s", 125e3}, {"Gbit/s", 125e6},    {"", 1}};
     for (size_t i = 0; i < sizeof units / sizeof units[0]; i++)
         if (strcasecmp(end, units[i].u) == 0 && (units[i].u[0] || *end == 0)) {
             *out = v * units[i].f;
@@ -143,9 +135,13 @@ int config_parse_time(const char *s, double *out) {
     errno = 0;
     double v = strtod(s, &end);
     if (end == s || errno || v < 0) return -1;
-    while (isspace((unsigned char)*end)) end++;
-    double f = !strcmp(end, "s") || !*end ? 1 : !strcmp(end, "ms") ? 1e-3
-             : !strcmp(end, "us")         ? 1e-6 : !strcmp(end, "ns") ? 1e-9 : -1;
+    while (isspace((unsigned char)*end))
+        end++;
+    double f = !strcmp(end, "s") || !*end ? 1
+               : !strcmp(end, "ms")       ? 1e-3
+               : !strcmp(end, "us")       ? 1e-6
+               : !strcmp(end, "ns")       ? 1e-9
+                                          : -1;
     if (f < 0) return -1;
     *out = v * f;
     return 0;
@@ -161,12 +157,15 @@ static int set_value(job_config *c, int i, const char *v, const char *where, cha
     case K_INT: {
         errno = 0;
         long x = strtol(v, &end, 10);
-        if (!*v || *end || errno) return fail(err, len, "%s: expected an integer, got '%s'", where, v);
+        if (!*v || *end || errno)
+            return fail(err, len, "%s: expected an integer, got '%s'", where, v);
         d = (double)x;
         if (d < k->lo || d > k->hi)
             return fail(err, len, "%s: %ld is out of range [%.0f, %.0f]", where, x, k->lo, k->hi);
-        if (strcmp(k->key, "train.seed") == 0) *(long *)p = x;
-        else *(int *)p = (int)x;
+        if (strcmp(k->key, "train.seed") == 0)
+            *(long *)p = x;
+        else
+            *(int *)p = (int)x;
         return 0;
     }
     case K_FLOAT:
@@ -180,7 +179,8 @@ static int set_value(job_config *c, int i, const char *v, const char *where, cha
         return 0;
     case K_BW:
         if (config_parse_bandwidth(v, &d))
-            return fail(err, len, "%s: expected a bandwidth like 10GB/s or 1Gbit/s, got '%s'", where, v);
+            return fail(err, len, "%s: expected a bandwidth like 10GB/s or 1Gbit/s, got '%s'",
+                        where, v);
         *(double *)p = d;
         return 0;
     case K_TIME:
@@ -189,10 +189,12 @@ static int set_value(job_config *c, int i, const char *v, const char *where, cha
         *(double *)p = d;
         return 0;
     case K_BOOL:
-        if (!strcasecmp(v, "true") || !strcasecmp(v, "yes") || !strcasecmp(v, "on")) *(int *)p = 1;
+        if (!strcasecmp(v, "true") || !strcasecmp(v, "yes") || !strcasecmp(v, "on"))
+            *(int *)p = 1;
         else if (!strcasecmp(v, "false") || !strcasecmp(v, "no") || !strcasecmp(v, "off"))
             *(int *)p = 0;
-        else return fail(err, len, "%s: expected true or false, got '%s'", where, v);
+        else
+            return fail(err, len, "%s: expected true or false, got '%s'", where, v);
         return 0;
     case K_ENUM: {
         size_t n = strlen(v);
@@ -259,8 +261,10 @@ static int parse_file(job_config *c, const char *file, const char *text, int *se
     yaml_document_t doc;
     int rc = -1, have_doc = 0;
     yaml_parser_initialize(&parser);
-    if (f) yaml_parser_set_input_file(&parser, f);
-    else yaml_parser_set_input_string(&parser, (const unsigned char *)text, strlen(text));
+    if (f)
+        yaml_parser_set_input_file(&parser, f);
+    else
+        yaml_parser_set_input_string(&parser, (const unsigned char *)text, strlen(text));
     if (!yaml_parser_load(&parser, &doc)) {
         fail(err, len, "%s:%d: YAML syntax error: %s", file, (int)parser.problem_mark.line + 1,
              parser.problem ? parser.problem : "unknown");
@@ -307,22 +311,12 @@ static int load(job_config *c, const char *file, const char *text, const char *c
     }
     for (int i = 0; i < NKEYS; i++) {
         if (seen[i]) continue;
-        if (!schema[i].def) return fail(err, len, "%s: missing required key %s", file, schema[i].key);
+        if (!schema[i].def)
+            return fail(err, len, "%s: missing required key %s", file, schema[i].key);
         char where[200];
         snprintf(where, sizeof where, "default of %s", schema[i].key);
         if (set_value(c, i, schema[i].def, where, err, len)) return -1;
         snprintf(c->origin[i], sizeof c->origin[i], "default");
-    }
-    /* Values this build cannot run yet: say so instead of ignoring them. */
-    for (size_t n = 0; n < sizeof not_yet / sizeof not_yet[0]; n++) {
-        int i = find_key(not_yet[n].key);
-        const char *def = schema[i].def;
-        int dflt = *(int *)((char *)c + schema[i].off) == atoi(def);
-        if (!dflt) {
-            char w[CFG_STR + 64];
-            return fail(err, len, "%s: %s", config_where(c, not_yet[n].key, w, sizeof w),
-                        not_yet[n].why);
-        }
     }
     if (!c->log.dir[0]) snprintf(c->log.dir, sizeof c->log.dir, "runs/default");
     if (c->train.min_lr > c->train.lr) {
@@ -350,14 +344,33 @@ int config_load_text(job_config *c, const char *name, const char *text, char *er
 const char *config_where(const job_config *c, const char *key, char *buf, size_t len) {
     int i = find_key(key);
     const char *o = i >= 0 ? c->origin[i] : "";
-    if (!strcmp(o, "--set")) snprintf(buf, len, "--set %s", key);
-    else if (!strcmp(o, "default") || !*o) snprintf(buf, len, "%s: %s (default)", c->file, key);
-    else snprintf(buf, len, "%s: %s", o, key);
+    if (!strcmp(o, "--set"))
+        snprintf(buf, len, "--set %s", key);
+    else if (!strcmp(o, "default") || !*o)
+        snprintf(buf, len, "%s: %s (default)", c->file, key);
+    else
+        snprintf(buf, len, "%s: %s", o, key);
     return buf;
 }
 
 int config_check_layout(const job_config *c, int world, char *err, size_t len) {
     char w[CFG_STR + 64];
+    int k = c->comm.ps_ranks;
+    if (k > 0) { /* dedicated servers: the last k ranks only sum gradients */
+        const char *why = NULL;
+        if (strcmp(c->comm.strategy, "parameter_server"))
+            why = "needs comm.strategy parameter_server";
+        else if (c->parallel.tp != 1 || c->parallel.pp != 1)
+            why = "needs parallel.tp = parallel.pp = 1";
+        else if (strcmp(c->comm.compression.type, "none"))
+            why = "needs comm.compression.type none";
+        else if (world <= k)
+            why = "leaves no training rank";
+        if (why)
+            return fail(err, len, "%s: %d dedicated parameter-server ranks (of %d) %s",
+                        config_where(c, "comm.ps_ranks", w, sizeof w), k, world, why);
+        world -= k;
+    }
     int mp = c->parallel.tp * c->parallel.pp;
     if (world % mp)
         return fail(err, len, "%s: world size %d is not divisible by tp*pp = %d",
@@ -373,10 +386,11 @@ int config_check_layout(const job_config *c, int world, char *err, size_t len) {
         return fail(err, len,
                     "%s: %d, but global_batch / (micro_batch * dp) = %d / (%d * %d) = %d "
                     "micro-batches per step (leave it out to derive it)",
-                    config_where(c, "parallel.microbatches", w, sizeof w),
-                    c->parallel.microbatches, c->train.global_batch, c->train.micro_batch, dp, m);
+                    config_where(c, "parallel.microbatches", w, sizeof w), c->parallel.microbatches,
+                    c->train.global_batch, c->train.micro_batch, dp, m);
     if (c->model.n_head % c->parallel.tp)
-        return fail(err, len, "%s: %d does not divide model.n_head (%d): attention is split by heads",
+        return fail(err, len,
+                    "%s: %d does not divide model.n_head (%d): attention is split by heads",
                     config_where(c, "parallel.tp", w, sizeof w), c->parallel.tp, c->model.n_head);
     if (c->model.n_layer % c->parallel.pp)
         return fail(err, len, "%s: model.n_layer (%d) cannot be split into %d equal stages",
@@ -395,7 +409,8 @@ char *config_to_yaml(const job_config *c) {
         char sec[64];
         snprintf(sec, sizeof sec, "%.*s", (int)(dot - k->key), k->key);
         int depth = 0;
-        for (const char *q = k->key; q < dot; q++) depth += *q == '.';
+        for (const char *q = k->key; q < dot; q++)
+            depth += *q == '.';
         if (strcmp(sec, section)) {
             /* open every section level that differs from the previous key's */
             const char *a = sec;
@@ -415,14 +430,26 @@ char *config_to_yaml(const job_config *c) {
         n += snprintf(out + n, cap - n, "%*s%s: ", 2 * (depth + 1), "", dot + 1);
         switch (k->type) {
         case K_INT:
-            if (!strcmp(k->key, "train.seed")) n += snprintf(out + n, cap - n, "%ld\n", *(const long *)p);
-            else n += snprintf(out + n, cap - n, "%d\n", *(const int *)p);
+            if (!strcmp(k->key, "train.seed"))
+                n += snprintf(out + n, cap - n, "%ld\n", *(const long *)p);
+            else
+                n += snprintf(out + n, cap - n, "%d\n", *(const int *)p);
             break;
-        case K_FLOAT: n += snprintf(out + n, cap - n, "%.9g\n", *(const double *)p); break;
-        case K_BW: n += snprintf(out + n, cap - n, "%.9gB/s\n", *(const double *)p); break;
-        case K_TIME: n += snprintf(out + n, cap - n, "%.9gs\n", *(const double *)p); break;
-        case K_BOOL: n += snprintf(out + n, cap - n, "%s\n", *(const int *)p ? "true" : "false"); break;
-        default: n += snprintf(out + n, cap - n, "\"%s\"\n", p); break;
+        case K_FLOAT:
+            n += snprintf(out + n, cap - n, "%.9g\n", *(const double *)p);
+            break;
+        case K_BW:
+            n += snprintf(out + n, cap - n, "%.9gB/s\n", *(const double *)p);
+            break;
+        case K_TIME:
+            n += snprintf(out + n, cap - n, "%.9gs\n", *(const double *)p);
+            break;
+        case K_BOOL:
+            n += snprintf(out + n, cap - n, "%s\n", *(const int *)p ? "true" : "false");
+            break;
+        default:
+            n += snprintf(out + n, cap - n, "\"%s\"\n", p);
+            break;
         }
         if (n + 512 > cap) {
             char *o2 = realloc(out, cap *= 2);

@@ -56,7 +56,8 @@ int config_load(job_config *cfg, const char *file, const char *const *sets, int 
 /* Same, from YAML text (e.g. the config stored in a checkpoint). */
 int config_load_text(job_config *cfg, const char *name, const char *text, char *err, size_t errlen);
 /* Checks sizes against the world size: tp*pp divides world, global_batch is a
- * multiple of micro_batch*dp, and what the model needs. */
+ * multiple of micro_batch*dp, and what the model needs. world counts the
+ * comm.ps_ranks dedicated servers too (dp = (world - ps_ranks) / (tp*pp)). */
 int config_check_layout(const job_config *cfg, int world, char *err, size_t errlen);
 /* Where KEY was set ("jobs/x.yaml:7: train.lr", "--set train.lr", ...). */
 const char *config_where(const job_config *cfg, const char *key, char *buf, size_t len);

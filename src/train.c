@@ -36,7 +36,20 @@ typedef struct {
     metrics met;
     int have_met;
     ckpt_async *async; /* background checkpoint writer (checkpoint.async) */
+    /* dedicated parameter servers (comm.ps_ranks): the gradients are summed
+     * over red_comm (workers, then the servers), which follow the codes sent on
+     * ctl (see serve_gradients) */
+    int servers, preempted;
+    MPI_Comm red_comm, ctl;
 } trainer;
+
+/* Codes the workers broadcast to the servers: a step number (>= 0: reduce
+ * that step's gradients), or one of these. */
+enum { CTL_CREATE = -1, CTL_STOP = -2, CTL_STOP_PREEMPTED = -3 };
+
+static void ctl_send(trainer *t, int code) {
+    if (t->servers) MPI_Bcast(&code, 1, MPI_INT, 0, t->ctl);
+}
 
 static void fmt_eta(char *b, size_t n, double s) {
     if (!(s >= 0) || s > 1e7) s = 0;
@@ -82,8 +95,8 @@ static int save_wait(trainer *t) {
 static int comm_state(trainer *t, gptio_rank_state *rs) {
     uint64_t len = comm_grad_state(t->red, NULL), mx = 0;
     MPI_Allreduce(&len, &mx, 1, MPI_UINT64_T, MPI_MAX, t->comm);
-    *rs = (gptio_rank_state){.name = COMM_STATE, .len = len, .maxlen = mx, .row = t->rank,
-                             .rows = t->world};
+    *rs = (gptio_rank_state){
+        .name = COMM_STATE, .len = len, .maxlen = mx, .row = t->rank, .rows = t->world};
     if (mx == 0) return 0;
     rs->data = malloc((len + 1) * sizeof(float));
     if (rs->data) comm_grad_state(t->red, rs->data);
@@ -120,7 +133,8 @@ static int resume_comm_state(trainer *t, const char *file, const ckpt_meta *m,
         if (got == 1) got = comm_grad_set_state(t->red, rs.data, rs.len) ? -1 : 1;
         if (got < 0) {
             free(rs.data);
-            return spmd_agree(t->comm, -1, PROG, why[0] ? why : "cannot restore the compressor state");
+            return spmd_agree(t->comm, -1, PROG,
+                              why[0] ? why : "cannot restore the compressor state");
         }
     }
     free(rs.data);
@@ -219,15 +233,54 @@ static void grads_final(void *red, int t0, int t1) {
     comm_grad_ready(red, t0, t1);
 }
 
-static int setup(trainer *t, MPI_Comm comm, const job_config *c, int quiet) {
+/* This part's tensors for the gradient reducer (calloc'ed; NULL: no memory). */
+static comm_grad_tensor *grad_tensors(gpt *g, int *nt) {
+    *nt = gpt_ntensors(g);
+    comm_grad_tensor *gt = calloc((size_t)*nt + 1, sizeof *gt);
+    for (int i = 0; gt && i < *nt; i++) {
+        const gpt_tensor *e = gpt_tensor_at(g, i);
+        gt[i] = (comm_grad_tensor){
+            .numel = e->numel, .ndim = e->ndim, .shape = {e->shape[0], e->shape[1]}};
+    }
+    return gt;
+}
+
+static comm_grad_opts grad_opts(const job_config *c, FILE *log) {
+    return (comm_grad_opts){.strategy = c->comm.strategy,
+                            .bw_threshold = c->comm.bw_threshold,
+                            .lat_threshold = c->comm.lat_threshold,
+                            .fallback = c->comm.fallback,
+                            .bucket_mb = c->comm.bucket_mb,
+                            .overlap = c->comm.overlap,
+                            .ps_ranks = c->comm.ps_ranks,
+                            .cx_type = c->comm.compression.type,
+                            .ratio = c->comm.compression.ratio,
+                            .min_ratio = c->comm.compression.min_ratio,
+                            .bits = c->comm.compression.bits,
+                            .rank = c->comm.compression.rank,
+                            .error_feedback = c->comm.compression.error_feedback,
+                            .warmup_steps = c->comm.compression.warmup_steps,
+                            .seed = (uint64_t)c->train.seed,
+                            .log = log};
+}
+
+/* comm: the training ranks; red/ctl: see trainer (MPI_COMM_NULL: no
+ * dedicated servers). */
+static int setup(trainer *t, MPI_Comm comm, MPI_Comm red, MPI_Comm ctl, const job_config *c,
+                 int quiet) {
     char err[1024] = "", path[CFG_STR + 16];
     memset(t, 0, sizeof *t);
     t->comm = comm;
     t->cfg = c;
+    t->red_comm = red;
+    t->ctl = ctl;
+    t->servers = red != MPI_COMM_NULL ? c->comm.ps_ranks : 0;
     MPI_Comm_rank(comm, &t->rank);
     MPI_Comm_size(comm, &t->world);
-    if (spmd_agree(comm, config_check_layout(c, t->world, err, sizeof err), PROG, err)) return -1;
-    int tp = c->parallel.tp, pp = c->parallel.pp, rc = grid_create(comm, tp, pp, &t->grid);
+    int rc = config_check_layout(c, t->world + t->servers, err, sizeof err);
+    if (spmd_agree(comm, rc, PROG, err)) return -1;
+    int tp = c->parallel.tp, pp = c->parallel.pp;
+    rc = grid_create(comm, tp, pp, &t->grid);
     if (spmd_agree(comm, rc, PROG, "cannot create the process grid communicators")) return -1;
     t->dp = t->grid.dp;
     kern_set_threads(spmd_threads_per_rank(comm));
@@ -276,31 +329,13 @@ static int setup(trainer *t, MPI_Comm comm, const job_config *c, int quiet) {
     gpt_init_weights(t->g, (uint64_t)c->train.seed);
 
     /* gradient reducer: buckets follow the tensors of this rank's part */
-    int nt = gpt_ntensors(t->g);
-    comm_grad_tensor *gt = calloc((size_t)nt + 1, sizeof *gt);
+    int nt = 0;
+    comm_grad_tensor *gt = grad_tensors(t->g, &nt);
+    comm_grad_opts go = grad_opts(c, t->rank == 0 ? stdout : NULL);
     rc = !gt;
-    for (int i = 0; gt && i < nt; i++) {
-        const gpt_tensor *e = gpt_tensor_at(t->g, i);
-        gt[i] = (comm_grad_tensor){
-            .numel = e->numel, .ndim = e->ndim, .shape = {e->shape[0], e->shape[1]}};
-    }
-    comm_grad_opts go = {.strategy = c->comm.strategy,
-                         .bw_threshold = c->comm.bw_threshold,
-                         .lat_threshold = c->comm.lat_threshold,
-                         .fallback = c->comm.fallback,
-                         .bucket_mb = c->comm.bucket_mb,
-                         .overlap = c->comm.overlap,
-                         .ps_ranks = c->comm.ps_ranks,
-                         .cx_type = c->comm.compression.type,
-                         .ratio = c->comm.compression.ratio,
-                         .min_ratio = c->comm.compression.min_ratio,
-                         .bits = c->comm.compression.bits,
-                         .rank = c->comm.compression.rank,
-                         .error_feedback = c->comm.compression.error_feedback,
-                         .warmup_steps = c->comm.compression.warmup_steps,
-                         .seed = (uint64_t)c->train.seed,
-                         .log = t->rank == 0 ? stdout : NULL};
-    if (!rc) rc = comm_grad_create(t->grid.dp_comm, &go, gt, nt, &t->red);
+    ctl_send(t, CTL_CREATE);
+    if (!rc)
+        rc = comm_grad_create(t->servers ? t->red_comm : t->grid.dp_comm, &go, gt, nt, &t->red);
     free(gt);
     snprintf(err, sizeof err,
              "comm.strategy %s, comm.compression.type %s: cannot set up the "
@@ -373,6 +408,7 @@ static double grad_norm(trainer *t) {
 }
 
 static void teardown(trainer *t) {
+    ctl_send(t, t->preempted ? CTL_STOP_PREEMPTED : CTL_STOP);
     ckpt_async_destroy(t->async);
     pipe_destroy(t->pipe);
     if (t->have_met) metrics_close(&t->met);
@@ -384,12 +420,67 @@ static void teardown(trainer *t) {
     grid_destroy(&t->grid);
 }
 
+/* A dedicated parameter server: builds the reducer the workers build and
+ * takes part in every step's gradient sum until told to stop. */
+static int serve_gradients(MPI_Comm red, MPI_Comm ctl, const job_config *c, train_result *res) {
+    gpt *g = NULL;
+    comm_grad *cg = NULL;
+    int rc = 0, nt = 0;
+    for (;;) {
+        int code;
+        MPI_Bcast(&code, 1, MPI_INT, 0, ctl);
+        if (code == CTL_STOP || code == CTL_STOP_PREEMPTED) {
+            res->preempted = code == CTL_STOP_PREEMPTED;
+            break;
+        }
+        if (code == CTL_CREATE) {
+            comm_grad_tensor *gt = NULL;
+            if (gpt_create(&c->model, &g) || !(gt = grad_tensors(g, &nt))) {
+                fprintf(stderr, PROG ": parameter server: out of memory\n");
+                MPI_Abort(red, 1); /* the workers wait in the reducer's creation */
+            }
+            comm_grad_opts go = grad_opts(c, NULL);
+            rc = comm_grad_create(red, &go, gt, nt, &cg);
+            free(gt);
+        } else if (cg && comm_grad_reduce(cg, gpt_grads(g), code, NULL)) /* the workers fail too */
+            rc = -1;
+    }
+    comm_grad_destroy(cg);
+    gpt_destroy(g);
+    return rc ? -1 : 0;
+}
+
+static int run(MPI_Comm comm, MPI_Comm red, MPI_Comm ctl, const job_config *c, int quiet,
+               volatile sig_atomic_t *stop_flag, train_result *res);
+
 int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic_t *stop_flag,
               train_result *res) {
-    trainer t;
     memset(res, 0, sizeof *res);
     res->final_val_loss = -1;
-    int rc = setup(&t, comm, c, quiet);
+    int k = c->comm.ps_ranks, rank, world;
+    if (k <= 0) return run(comm, MPI_COMM_NULL, MPI_COMM_NULL, c, quiet, stop_flag, res);
+    /* the last k ranks are servers: they train nothing */
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &world);
+    char err[1024] = "";
+    if (spmd_agree(comm, config_check_layout(c, world, err, sizeof err), PROG, err)) return -1;
+    int server = rank >= world - k, rc;
+    MPI_Comm part, ctl;
+    MPI_Comm_split(comm, server, rank, &part);
+    MPI_Comm_dup(comm, &ctl);
+    if (server)
+        rc = serve_gradients(comm, ctl, c, res);
+    else
+        rc = run(part, comm, ctl, c, quiet, stop_flag, res);
+    MPI_Comm_free(&ctl);
+    MPI_Comm_free(&part);
+    return rc;
+}
+
+static int run(MPI_Comm comm, MPI_Comm red, MPI_Comm ctl, const job_config *c, int quiet,
+               volatile sig_atomic_t *stop_flag, train_result *res) {
+    trainer t;
+    int rc = setup(&t, comm, red, ctl, c, quiet);
     if (rc) goto done;
     int start = maybe_resume(&t);
     if (start < 0) {
@@ -409,8 +500,10 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
     MPI_Allreduce(MPI_IN_PLACE, &np_all, 1, MPI_UINT64_T, MPI_SUM, t.grid.mp_comm);
     if (!quiet) print_memory(&t);
     if (t.rank == 0 && !quiet) {
-        printf("mpilm train: %s | %zu parameters | layout dp=%d tp=%d pp=%d | %d threads/rank\n",
-               c->file, np_all, t.dp, t.grid.tp, t.grid.pp, kern_threads());
+        printf("mpilm train: %s | %zu parameters | layout dp=%d tp=%d pp=%d", c->file, np_all, t.dp,
+               t.grid.tp, t.grid.pp);
+        if (t.servers) printf(" + %d dedicated parameter-server rank(s)", t.servers);
+        printf(" | %d threads/rank\n", kern_threads());
         printf("batch: global %d x %d tokens = %d micro-batches of %d per pipeline x %d "
                "data-parallel ranks%s\n",
                G, T, t.m, B, t.dp, c->train.recompute ? " | recompute" : "");
@@ -437,6 +530,7 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
         uint64_t base = (uint64_t)(s % nb) * G * T;
         pipe_times tm = {0};
         double tp0 = gpt_tp_comm_seconds(t.g);
+        ctl_send(&t, s);
         rc = comm_grad_begin(t.red, gpt_grads(t.g), s);
         if (spmd_agree(comm, rc, PROG, "gradient all-reduce failed")) goto done;
         double loss_sum = pipe_train_step(t.pipe, &t.train, base, dscale, &tm);
@@ -522,7 +616,7 @@ int train_run(MPI_Comm comm, const job_config *c, int quiet, volatile sig_atomic
             if (t.rank == 0)
                 printf("stopped by signal after step %d%s; exit status %d\n", s + 1,
                        c->checkpoint.dir[0] ? " (checkpoint saved)" : "", TRAIN_EXIT_PREEMPTED);
-            res->preempted = 1;
+            res->preempted = t.preempted = 1;
             break;
         }
     }
