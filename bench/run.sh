@@ -91,18 +91,26 @@ fi
 echo
 echo "== allreduce: every algorithm, adaptive and MPI_Allreduce, 4 B .. 256 MiB at 2, 4, 8 ranks"
 rm -f "$OUT/allreduce.csv"
+# ranks share 2 cores here: without yielding, a rank spinning in MPI holds the
+# core its peer needs and small-message times become scheduler time slices
+export OMPI_MCA_mpi_yield_when_idle=1
 for n in 2 4 8; do
     OMP_NUM_THREADS=1 $MPIRUN -n $n $MPILM bench allreduce --label local-$n \
         ${AR_ITERS:+--iters $AR_ITERS} --csv "$OUT/allreduce.csv"
 done
-# on the emulated 2-node cluster (root + network namespaces), 2 x 2 ranks at 1 Gbit/s
+# on the emulated 2-node cluster (root + network namespaces), 2 x 2 ranks at
+# 1 Gbit/s and 10 Gbit/s
 if [[ ${AR_EMU:-1} != 0 ]] && ip netns add mpilm-bench-probe$$ >/dev/null 2>&1; then
     ip netns del mpilm-bench-probe$$
-    export EMU_DIR=/tmp/mpilm-bench-emu EMU_PREFIX=mpilmb EMU_NET=10.213.80 EMU_SLOTS=2
+    export EMU_DIR=${EMU_DIR:-/tmp/mpilm-bench-emu} EMU_PREFIX=${EMU_PREFIX:-mpilmb}
+    export EMU_NET=${EMU_NET:-10.213.80} EMU_SLOTS=2
     trap 'bash tools/emu-cluster.sh down >/dev/null 2>&1 || true' EXIT
-    bash tools/emu-cluster.sh up 2 1gbit
-    OMP_NUM_THREADS=1 bash tools/emu-cluster.sh run -np 4 --per-node 2 -- $PWD/$MPILM bench \
-        allreduce --explain --label emu-1gbit --csv "$PWD/$OUT/allreduce.csv"
+    for rate in 1gbit 10gbit; do
+        bash tools/emu-cluster.sh up 2 $rate
+        OMP_NUM_THREADS=1 bash tools/emu-cluster.sh run -np 4 --per-node 2 -- $PWD/$MPILM bench \
+            allreduce --explain --label emu-$rate ${AR_ITERS:+--iters $AR_ITERS} \
+            --csv "$PWD/$OUT/allreduce.csv"
+    done
     bash tools/emu-cluster.sh down
     trap - EXIT
 fi

@@ -39,12 +39,18 @@ enum {
  * workers * PS_SEG floats and pipelines summing with receiving. */
 #define PS_SEG ((size_t)1 << 20)
 
+/* Hierarchical: smallest slice (elements) for the sliced scheme; below it the
+ * leader scheme's fewer intra-node steps win. */
+#define HIER_SLICE_MIN ((size_t)1024)
+
 typedef int (*ar_impl)(comm_ar *ar, MPI_Comm comm, float *buf, size_t n);
 
 struct comm_ar {
     MPI_Comm comm;        /* dup of the user's communicator */
     MPI_Comm node_comm;   /* ranks of my node, key = rank */
     MPI_Comm leader_comm; /* node rank 0 of every node; MPI_COMM_NULL elsewhere */
+    MPI_Comm slice_comm;  /* same node rank on every node (sliced; > 1 node) */
+    int sliced;           /* opted in and every node holds node_size ranks */
     int rank, size, node_rank, node_size, n_nodes;
     int ps_ranks, n_contrib; /* dedicated servers; size - ps_ranks */
     size_t max_msg;          /* elements per point-to-point message */
@@ -215,13 +221,12 @@ done:
  * Reduce-scatter around the ring (p-1 steps, chunk c ends fully reduced on
  * rank c-1), then all-gather (p-1 steps) copying the reduced chunks, so every
  * rank ends with the same bits. Any p; chunks of count/p (+1), empty chunks
- * (count < p) send nothing.
+ * (count < p) send nothing. The two halves are also hierarchical's steps
+ * inside a node.
  * Cost: 2(p-1) alpha + 2(p-1)/p n beta + (p-1)/p n gamma. Bandwidth-optimal;
  * latency grows linearly with p, so poor for small messages at large p. */
-static int ring_impl(comm_ar *ar, MPI_Comm comm, float *buf, size_t n) {
-    int err = 0, rank, p;
-    if ((err = comm_geom(comm, &rank, &p))) return err;
-    if (p == 1 || n == 0) return 0;
+static int ring_rs(comm_ar *ar, MPI_Comm comm, int rank, int p, float *buf, size_t n, int tag) {
+    int err = 0;
     size_t P = (size_t)p;
     float *tmp = ar_scratch(ar, blk_len(n, P, 0));
     if (!tmp) return COMM_ERR_NOMEM;
@@ -230,17 +235,32 @@ static int ring_impl(comm_ar *ar, MPI_Comm comm, float *buf, size_t n) {
         size_t sc = (size_t)((rank - s + p) % p), rc = (size_t)((rank - s - 1 + 2 * p) % p);
         size_t rl = blk_len(n, P, rc);
         if ((err = xchg(ar, comm, buf + blk_off(n, P, sc), blk_len(n, P, sc), right, tmp, rl, left,
-                        TAG_RING)))
+                        tag)))
             return err;
         vadd(buf + blk_off(n, P, rc), tmp, rl);
     }
+    return 0;
+}
+
+static int ring_ag(comm_ar *ar, MPI_Comm comm, int rank, int p, float *buf, size_t n, int tag) {
+    int err = 0;
+    size_t P = (size_t)p;
+    int right = (rank + 1) % p, left = (rank + p - 1) % p;
     for (int s = 0; s < p - 1; s++) {
         size_t sc = (size_t)((rank + 1 - s + p) % p), rc = (size_t)((rank - s + p) % p);
         if ((err = xchg(ar, comm, buf + blk_off(n, P, sc), blk_len(n, P, sc), right,
-                        buf + blk_off(n, P, rc), blk_len(n, P, rc), left, TAG_RING)))
+                        buf + blk_off(n, P, rc), blk_len(n, P, rc), left, tag)))
             return err;
     }
     return 0;
+}
+
+static int ring_impl(comm_ar *ar, MPI_Comm comm, float *buf, size_t n) {
+    int err = 0, rank, p;
+    if ((err = comm_geom(comm, &rank, &p))) return err;
+    if (p == 1 || n == 0) return 0;
+    if ((err = ring_rs(ar, comm, rank, p, buf, n, TAG_RING))) return err;
+    return ring_ag(ar, comm, rank, p, buf, n, TAG_RING);
 }
 
 /* ---- fold-in / fold-out of the ranks beyond the largest power of two ----- */
@@ -502,17 +522,38 @@ static int ps_impl(comm_ar *ar, MPI_Comm comm, float *buf, size_t n) {
 }
 
 /* ---- hierarchical ---------------------------------------------------------
- * Binomial-tree reduce to each node's leader (lowest rank of the node), the
- * inter-node algorithm (ar->inter) among the leaders, binomial broadcast
- * inside each node. Nodes of any size and any rank placement (also
- * non-contiguous). Cost with N nodes of q ranks: 2 ceil(lg q)(alpha_intra +
- * n beta_intra) + ceil(lg q) n gamma + inter(N). Wins when inter-node links
- * are much slower than intra-node ones; the intra-node tree moves the whole
- * vector, so with fast networks a flat ring/Rabenseifner is better. */
+ * Two schemes, chosen by comm_ar_opts.hier_sliced, the node layout and the
+ * count (the same on all ranks):
+ *  - sliced (opted in, all nodes hold the same number q of ranks and count >=
+ *    q * HIER_SLICE_MIN): ring reduce-scatter inside each node, so local rank l
+ *    holds the node's sum of slice (l+1) mod q; the inter-node algorithm
+ *    (ar->inter) on that slice among the ranks with local index l of every
+ *    node (q inter-node all-reduces of n/q at once, so every rank's
+ *    connection carries a share instead of one leader's); ring all-gather
+ *    inside the node. The Rabenseifner-style two-level scheme.
+ *  - leader (otherwise): binomial-tree reduce to each node's leader (lowest
+ *    rank of the node), the inter-node algorithm among the leaders, binomial
+ *    broadcast inside the node. Nodes of any size and any rank placement.
+ * Cost with N nodes of q ranks, sliced: 2(q-1)(alpha_intra + n/q beta_intra)
+ * + (q-1)/q n gamma + inter(N, n/q) with the q slices sharing the node's
+ * link; leader: 2 ceil(lg q)(alpha_intra + n beta_intra) + ceil(lg q) n gamma
+ * + inter(N, n). Wins when inter-node links are much slower than intra-node
+ * ones; on one node it is a ring (sliced) or a tree (leader). Sliced is not
+ * the default: on the emulated 2 x 2 cluster (2 cores for 4 ranks plus the
+ * kernel's TCP work) its four concurrent TCP streams were slower than the
+ * leaders' two at 1-16 MiB (bench/RESULTS.md, allreduce). */
 static int hier_impl(comm_ar *ar, MPI_Comm comm, float *buf, size_t n) {
-    int err = 0;
+    int err = 0, q = ar->node_size, l = ar->node_rank;
     (void)comm;
     if (n == 0) return 0;
+    if (ar->sliced && n >= (size_t)q * HIER_SLICE_MIN) {
+        size_t Q = (size_t)q, c = (size_t)((l + 1) % q);
+        if ((err = ring_rs(ar, ar->node_comm, l, q, buf, n, TAG_HIER_UP))) return err;
+        if (ar->slice_comm != MPI_COMM_NULL &&
+            (err = ar->inter(ar, ar->slice_comm, buf + blk_off(n, Q, c), blk_len(n, Q, c))))
+            return err;
+        return ring_ag(ar, ar->node_comm, l, q, buf, n, TAG_HIER_DOWN);
+    }
     if ((err = tree_reduce(ar, ar->node_comm, buf, n, TAG_HIER_UP))) return err;
     if (ar->leader_comm != MPI_COMM_NULL && (err = ar->inter(ar, ar->leader_comm, buf, n)))
         return err;
@@ -586,7 +627,8 @@ const comm_ar_algo comm_ar_algos[] = {
     {"parameter_server", comm_ar_parameter_server,
      "co-located: 2(p-1)a + 2(p-1)/p n b + (p-1)/p n g; k servers: 2W a + 2W n/k b + W n/k g"},
     {"hierarchical", comm_ar_hierarchical,
-     "2 ceil(lg q)(a_i + n b_i) + ceil(lg q) n g + inter(nodes)"},
+     "2 ceil(lg q)(a_i + n b_i) + ceil(lg q) n g + inter(nodes, n); sliced: "
+     "2(q-1)(a_i + n/q b_i) + (q-1)/q n g + inter(nodes, n/q) x q"},
     {"mpi", comm_ar_mpi, "MPI library's choice"},
     {NULL, NULL, NULL},
 };
@@ -641,7 +683,7 @@ int comm_ar_create(MPI_Comm comm, const comm_ar_opts *opts, comm_ar **out) {
     if (!out) return ar_fail(COMM_ERR_ARG, __FILE__, __LINE__, "comm_ar_create: NULL out");
     *out = NULL;
     if (!(ar = calloc(1, sizeof *ar))) AR_FAIL(COMM_ERR_NOMEM, "comm_ar_create: out of memory");
-    ar->comm = ar->node_comm = ar->leader_comm = MPI_COMM_NULL;
+    ar->comm = ar->node_comm = ar->leader_comm = ar->slice_comm = MPI_COMM_NULL;
     MPI_CHECK(MPI_Comm_dup(comm, &ar->comm));
     MPI_CHECK(MPI_Comm_set_errhandler(ar->comm, MPI_ERRORS_RETURN));
     MPI_CHECK(MPI_Comm_rank(ar->comm, &ar->rank));
@@ -681,6 +723,18 @@ int comm_ar_create(MPI_Comm comm, const comm_ar_opts *opts, comm_ar **out) {
                              &ar->leader_comm));
     if (ar->leader_comm != MPI_COMM_NULL)
         MPI_CHECK(MPI_Comm_set_errhandler(ar->leader_comm, MPI_ERRORS_RETURN));
+    /* sliced hierarchical needs equal nodes (nodes[] is the same everywhere) */
+    ar->sliced = o.hier_sliced != 0;
+    for (int k = 0; k < ar->n_nodes; k++) {
+        int c = 0;
+        for (int i = 0; i < ar->size; i++)
+            c += nodes[i] == k;
+        if (c != ar->node_size) ar->sliced = 0;
+    }
+    if (ar->sliced && ar->n_nodes > 1) {
+        MPI_CHECK(MPI_Comm_split(ar->comm, ar->node_rank, ar->rank, &ar->slice_comm));
+        MPI_CHECK(MPI_Comm_set_errhandler(ar->slice_comm, MPI_ERRORS_RETURN));
+    }
 done:
     free(nodes);
     if (err)
@@ -695,6 +749,7 @@ void comm_ar_destroy(comm_ar *ar) {
     if (!ar) return;
     MPI_Finalized(&fin);
     if (!fin) {
+        if (ar->slice_comm != MPI_COMM_NULL) MPI_Comm_free(&ar->slice_comm);
         if (ar->leader_comm != MPI_COMM_NULL) MPI_Comm_free(&ar->leader_comm);
         if (ar->node_comm != MPI_COMM_NULL) MPI_Comm_free(&ar->node_comm);
         if (ar->comm != MPI_COMM_NULL) MPI_Comm_free(&ar->comm);

@@ -80,6 +80,13 @@ typedef struct {
     /* Inter-node algorithm of hierarchical (any table name but itself);
      * NULL: "rabenseifner". */
     const char *inter;
+    /* 1: hierarchical uses the sliced (Rabenseifner-style) scheme when every
+     * node holds the same number q of ranks and count >= q x 1024: ring
+     * reduce-scatter inside the node, the inter-node algorithm on each rank's
+     * 1/q slice (all local ranks cross the network at once), ring all-gather.
+     * 0: the leader scheme always (tree reduce, inter among leaders, tree
+     * broadcast). */
+    int hier_sliced;
     /* Largest point-to-point message in elements; 0: INT_MAX. Larger transfers
      * are split. Tests lower it to exercise the splitting. */
     size_t max_msg;
@@ -134,8 +141,9 @@ int comm_ar_mpi(comm_ar *ar, float *buf, size_t count, comm_op op);
  * "mpi" is taken as the best of ring, recursive doubling and Rabenseifner. */
 double comm_ar_model_time(const char *name, int p, size_t bytes, double alpha, double beta,
                           double gamma);
-/* Hierarchical on `nodes` nodes of `ppn` ranks: binomial reduce and broadcast
- * inside a node (alpha_intra, beta_intra) around `inter` among the leaders. */
+/* Hierarchical (leader scheme) on `nodes` nodes of `ppn` ranks: binomial
+ * reduce and broadcast inside a node (alpha_intra, beta_intra) around `inter`
+ * among the leaders. The opt-in sliced scheme is not modelled. */
 double comm_ar_model_time_hier(int nodes, int ppn, size_t bytes, double alpha_intra,
                                double beta_intra, const char *inter, double alpha_inter,
                                double beta_inter, double gamma);

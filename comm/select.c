@@ -14,12 +14,18 @@
 
 enum { TAG_PROBE = 7201, TAG_PROBE_N = 7202 };
 
-#define MAX_CAND 16
+#define MAX_CAND COMM_SEL_MAXCAND
+#define MIB ((size_t)1 << 20)
+/* calibration sizes and timed calls per candidate (after one warm-up call
+ * up to 1 MiB; the largest size takes its page faults in the median) */
+static const size_t cal_sizes[COMM_SEL_NCAL] = {8, (size_t)64 << 10, MIB, 16 * MIB};
+static const int cal_reps[COMM_SEL_NCAL] = {11, 7, 5, 3};
+#define CAL_PRUNE 3.0 /* not timed further when over 3x the best (from 1 MiB) */
 #define EXPLAIN_MAX ((size_t)256 << 20)
 
 /* Inter-node algorithms of hierarchical the model considers. */
-static const char *const inter_names[] = {"ring", "recursive_doubling", "rabenseifner", "tree",
-                                          "parameter_server", NULL};
+static const char *const inter_names[] = {"ring", "recursive_doubling", "rabenseifner",
+                                          "tree", "parameter_server",   NULL};
 
 struct comm_sel {
     MPI_Comm comm; /* dup, MPI_ERRORS_RETURN */
@@ -28,6 +34,7 @@ struct comm_sel {
     int *node_of_rank;
     comm_sel_layout lay;
     comm_sel_probe pr;
+    comm_sel_calib cal;
     comm_sel_opts o; /* algos/fallback/probe/node_of_rank pointers not kept */
     const char *cand[MAX_CAND + 1];
     const char *fallback; /* table name or NULL */
@@ -47,7 +54,8 @@ const char *comm_sel_fmt_bytes(size_t bytes, char *buf, size_t len) {
     static const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
     double v = (double)bytes;
     int u = 0;
-    while (v >= 1024 && u < 4) v /= 1024, u++;
+    while (v >= 1024 && u < 4)
+        v /= 1024, u++;
     if (v == floor(v))
         snprintf(buf, len, "%.0f %s", v, unit[u]);
     else
@@ -140,13 +148,39 @@ static int degraded(const comm_sel_probe *pr, const comm_sel_layout *lay, const 
     return 0;
 }
 
-/* Default candidates: every table entry but "mpi". */
+/* Default candidates: every table entry, "mpi" included. */
 static int default_cands(const char **out, int max) {
     int n = 0;
     for (int i = 0; comm_ar_algos[i].name && n < max; i++)
-        if (!is(comm_ar_algos[i].name, "mpi")) out[n++] = comm_ar_algos[i].name;
+        out[n++] = comm_ar_algos[i].name;
     out[n] = NULL;
     return n;
+}
+
+/* Calibration factor (measured / prior) of `name` at `bytes`: log-log
+ * interpolation between its calibrated sizes, held beyond them; 1 without a
+ * calibration or for a name not calibrated (a fallback outside the
+ * candidates); 0 (not eligible) above the last size it was timed at when
+ * larger sizes were calibrated without it. */
+static double cal_factor(const comm_sel_calib *c, const char *name, size_t bytes) {
+    int i = 0;
+    if (!c || c->n == 0) return 1;
+    while (i < c->ncand && !is(c->cand[i], name))
+        i++;
+    if (i == c->ncand) return 1;
+    int last = -1;
+    for (int j = 0; j < c->n && c->t[j][i] >= 0; j++)
+        last = j;
+    if (last < 0) return 0;
+    if (bytes > c->bytes[last]) return last == c->n - 1 ? c->f[last][i] : 0;
+    if (bytes <= c->bytes[0]) return c->f[0][i];
+    int j = 0;
+    while (j + 1 <= last && c->bytes[j + 1] < bytes)
+        j++;
+    if (j == last) return c->f[last][i];
+    double w = log((double)bytes / (double)c->bytes[j]) /
+               log((double)c->bytes[j + 1] / (double)c->bytes[j]);
+    return exp((1 - w) * log(c->f[j][i]) + w * log(c->f[j + 1][i]));
 }
 
 /* The choice: algorithm name, hierarchical's inter (or NULL), prediction,
@@ -163,20 +197,26 @@ static const char *fallback_name(const comm_sel_opts *o) {
 }
 
 static choice choose(const comm_sel_probe *pr, const comm_sel_layout *lay, const char *const *cand,
-                     const char *fb, double slack, int degr, size_t bytes) {
+                     const char *fb, double slack, int degr, const comm_sel_calib *cal,
+                     size_t bytes) {
     choice c = {NULL, NULL, -1, 0};
     for (int i = 0; cand[i]; i++) {
+        double k = cal_factor(cal, cand[i], bytes);
+        if (!(k > 0)) continue;
         if (is(cand[i], "hierarchical")) {
+            /* the calibration measured hierarchical with the model's best
+             * inter-node algorithm: one factor for all of them */
             for (int j = 0; inter_names[j]; j++) {
-                double t = comm_sel_predict(pr, lay, cand[i], inter_names[j], bytes);
+                double t = comm_sel_predict(pr, lay, cand[i], inter_names[j], bytes) * k;
                 if (t >= 0 && (c.t < 0 || t < c.t)) c = (choice){cand[i], inter_names[j], t, 0};
             }
         } else {
-            double t = comm_sel_predict(pr, lay, cand[i], NULL, bytes);
+            double t = comm_sel_predict(pr, lay, cand[i], NULL, bytes) * k;
             if (t >= 0 && (c.t < 0 || t < c.t)) c = (choice){cand[i], NULL, t, 0};
         }
     }
-    if (degr && fb && !is(fb, c.name)) {
+    double kf = fb ? cal_factor(cal, fb, bytes) : 0;
+    if (degr && fb && !is(fb, c.name) && kf > 0) {
         const char *fi = NULL;
         double t;
         if (is(fb, "hierarchical")) {
@@ -189,8 +229,9 @@ static choice choose(const comm_sel_probe *pr, const comm_sel_layout *lay, const
         } else {
             t = comm_sel_predict(pr, lay, fb, NULL, bytes);
         }
+        t *= kf;
         if (t >= 0 && t <= slack * c.t) c = (choice){fb, fi, t, 1};
-    } else if (degr && fb) {
+    } else if (degr && fb && is(fb, c.name)) {
         c.fallback = 1;
     }
     if (!c.name) c = (choice){"ring", NULL, 0, 0};
@@ -216,7 +257,7 @@ const char *comm_sel_best(const comm_sel_probe *pr, const comm_sel_layout *lay,
     const char *const *cand = opts && opts->algos ? opts->algos : def;
     if (!(opts && opts->algos)) default_cands(def, MAX_CAND);
     choice c = choose(pr, lay, cand, fallback_name(opts), slack_of(opts), degraded(pr, lay, opts),
-                      bytes);
+                      NULL, bytes);
     if (t) *t = c.t;
     return choice_str(c, buf, len);
 }
@@ -295,7 +336,8 @@ static int probe_beta(comm_sel *s, int a, int b, size_t big, double budget, char
  * median one-way time to *sum and 1 to *cnt when it initiates a pair. */
 static int probe_alpha(comm_sel *s, int intra, char *buf, double *sum, double *cnt) {
     int err = 0, me = s->rank, k = s->node_of_rank[me], li = 0, partner = -1;
-    for (int r = 0; r < me; r++) li += s->node_of_rank[r] == k;
+    for (int r = 0; r < me; r++)
+        li += s->node_of_rank[r] == k;
     int want_node = intra ? k : (k ^ 1), want_li = intra ? (li ^ 1) : li, j = 0;
     for (int r = 0; r < s->size && partner < 0; r++)
         if (s->node_of_rank[r] == want_node && j++ == want_li) partner = r;
@@ -326,7 +368,10 @@ static double measure_gamma(float *dst, const float *src, size_t n) {
     return best / (double)(n * sizeof(float));
 }
 
-/* Collective: measures s->pr. The pairs: the two lowest ranks of the first
+static int calibrate(comm_sel *s);
+static double prior(const comm_sel *s, const char *name, size_t bytes, const char **inter);
+
+/* Collective: measures s->pr, then calibrates. The pairs: the two lowest ranks of the first
  * node holding two ranks (intra), the lowest ranks of nodes 0 and 1 (inter). */
 static int probe(comm_sel *s) {
     int err = 0;
@@ -336,7 +381,8 @@ static int probe(comm_sel *s) {
     const size_t gn = (size_t)1 << 18; /* 1 MiB of floats, twice */
     double v[5] = {0, 0, 0, 0, 0};
     double t0 = MPI_Wtime();
-    if (!(buf = calloc(1, big_intra > big_inter ? big_intra : big_inter)) || !(g = calloc(2 * gn, sizeof *g))) {
+    if (!(buf = calloc(1, big_intra > big_inter ? big_intra : big_inter)) ||
+        !(g = calloc(2 * gn, sizeof *g))) {
         err = COMM_ERR_NOMEM;
         goto agree;
     }
@@ -381,9 +427,132 @@ agree:;
     double dt = MPI_Wtime() - t0;
     MPI_CHECK(MPI_Bcast(&dt, 1, MPI_DOUBLE, 0, s->comm));
     s->pr.seconds = dt;
+    err = calibrate(s);
 done:
     free(buf);
     free(g);
+    return err;
+}
+
+/* The model's prior for candidate `name` at `bytes`; for hierarchical also
+ * the inter-node algorithm it would use. */
+static double prior(const comm_sel *s, const char *name, size_t bytes, const char **inter) {
+    *inter = NULL;
+    if (!is(name, "hierarchical")) return comm_sel_predict(&s->pr, &s->lay, name, NULL, bytes);
+    double best = -1;
+    for (int j = 0; inter_names[j]; j++) {
+        double t = comm_sel_predict(&s->pr, &s->lay, name, inter_names[j], bytes);
+        if (t >= 0 && (best < 0 || t < best)) best = t, *inter = inter_names[j];
+    }
+    return best;
+}
+
+/* Collective: times the candidates for real (see select.h) into s->cal.
+ * Every decision (sizes, pruning, budget) is taken from numbers agreed by
+ * MAX reductions, so all ranks run the same calls. */
+static int calibrate(comm_sel *s) {
+    int err = 0, nc = 0;
+    comm_sel_calib *c = &s->cal;
+    float *buf = NULL;
+    double *tt = NULL;
+    memset(c, 0, sizeof *c);
+    while (s->cand[nc] && nc < COMM_SEL_MAXCAND)
+        c->cand[nc] = s->cand[nc], nc++;
+    c->ncand = nc;
+    double budget = s->o.calib_budget > 0 ? s->o.calib_budget : s->lay.nodes > 1 ? 4.0 : 1.0;
+    if (!s->ar || s->size < 2 || s->o.calib_budget < 0) return 0;
+    size_t maxn = cal_sizes[COMM_SEL_NCAL - 1] / sizeof(float);
+    int maxreps = 0;
+    for (int j = 0; j < COMM_SEL_NCAL; j++)
+        maxreps = cal_reps[j] > maxreps ? cal_reps[j] : maxreps;
+    buf = calloc(maxn, sizeof *buf);
+    tt = calloc((size_t)maxreps * nc + 2, sizeof *tt);
+    int local = !buf || !tt ? -COMM_ERR_NOMEM : 0, ok = 1;
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &local, 1, MPI_INT, MPI_MAX, s->comm));
+    if (local) {
+        err = -local;
+        goto done;
+    }
+    double t0 = MPI_Wtime(), elapsed = 0;
+    for (int j = 0; j < COMM_SEL_NCAL && ok; j++) {
+        size_t b = cal_sizes[j];
+        int reps = cal_reps[j], active[COMM_SEL_MAXCAND], na = 0;
+        const char *inter[COMM_SEL_MAXCAND];
+        double best = -1;
+        for (int i = 0; j > 0 && i < nc; i++)
+            if (c->t[j - 1][i] >= 0 && (best < 0 || c->t[j - 1][i] < best)) best = c->t[j - 1][i];
+        for (int i = 0; i < nc; i++) {
+            active[i] = j == 0 || (c->t[j - 1][i] >= 0 &&
+                                   !(c->bytes[j - 1] >= MIB && c->t[j - 1][i] > CAL_PRUNE * best));
+            na += active[i];
+        }
+        /* budget: the previous size's time plus what the prior adds for the
+         * larger size (additive: a slow small message, e.g. ranks waiting for
+         * a core, is latency, it does not scale with the size); the largest
+         * size shrinks to 4 MiB before giving up */
+        for (; j > 0; b /= 4) {
+            double est = 0;
+            for (int i = 0; i < nc; i++) {
+                const char *x;
+                double p1 = prior(s, c->cand[i], b, &x),
+                       p0 = prior(s, c->cand[i], c->bytes[j - 1], &x);
+                if (active[i]) est += (c->t[j - 1][i] + fmax(p1 - p0, 0)) * (reps + (b <= MIB));
+            }
+            if (elapsed + est <= budget) break;
+            if (j < COMM_SEL_NCAL - 1 || b / 4 <= c->bytes[j - 1]) {
+                ok = 0;
+                break;
+            }
+        }
+        if (!ok || na == 0) break;
+        size_t n = b / sizeof(float);
+        for (int i = 0; i < nc; i++)
+            prior(s, c->cand[i], b, &inter[i]);
+        memset(tt, 0, ((size_t)reps * nc + 2) * sizeof *tt);
+        /* every rank makes the same calls even after a local error, which
+         * is agreed below */
+        for (int w = b <= MIB ? -1 : 0; w < reps; w++)
+            for (int k = 0; k < nc; k++) {
+                int i = (k + (w < 0 ? 0 : w)) % nc; /* rotate the order */
+                if (!active[i]) continue;
+                const comm_ar_algo *a = comm_ar_find(c->cand[i]);
+                if (inter[i] && comm_ar_set_inter(s->ar, inter[i])) local = COMM_ERR_ARG;
+                MPI_CHECK(MPI_Barrier(s->comm));
+                double ts = MPI_Wtime();
+                int rc = a->fn(s->ar, buf, n, COMM_SUM);
+                if (rc && !local) local = rc;
+                if (w >= 0) tt[(size_t)w * nc + i] = MPI_Wtime() - ts;
+            }
+        tt[(size_t)reps * nc] = MPI_Wtime() - t0;
+        tt[(size_t)reps * nc + 1] = -local;
+        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, tt, reps * nc + 2, MPI_DOUBLE, MPI_MAX, s->comm));
+        if (tt[(size_t)reps * nc + 1] > 0) {
+            err = -(int)tt[(size_t)reps * nc + 1];
+            goto done;
+        }
+        elapsed = tt[(size_t)reps * nc];
+        c->bytes[j] = b, c->reps[j] = reps;
+        for (int i = 0; i < nc; i++) {
+            c->t[j][i] = c->f[j][i] = -1;
+            if (!active[i]) continue;
+            double v[16];
+            for (int r = 0; r < reps; r++)
+                v[r] = tt[(size_t)r * nc + i];
+            qsort(v, (size_t)reps, sizeof *v, dcmp);
+            double med = reps % 2 ? v[reps / 2] : (v[reps / 2 - 1] + v[reps / 2]) / 2;
+            const char *x;
+            double p = prior(s, c->cand[i], b, &x);
+            c->t[j][i] = med;
+            c->f[j][i] = p > 0 && med > 0 ? med / p : 1;
+        }
+        c->n = j + 1;
+        if (b != cal_sizes[j]) break; /* shrunk: the last size */
+    }
+    c->seconds = elapsed;
+    s->cur_inter = NULL; /* the calibration changed ar's inter-node algorithm */
+done:
+    free(buf);
+    free(tt);
     return err;
 }
 
@@ -440,7 +609,8 @@ int comm_sel_create(MPI_Comm comm, comm_ar *ar, const comm_sel_opts *opts, comm_
         goto done;
     }
     if (opts && opts->node_of_rank) {
-        for (int i = 0; i < s->size; i++) s->node_of_rank[i] = opts->node_of_rank[i];
+        for (int i = 0; i < s->size; i++)
+            s->node_of_rank[i] = opts->node_of_rank[i];
         s->lay.nodes = comm_topo_canonical(s->node_of_rank, s->size);
     } else if ((err = comm_topo_groups(s->comm, s->o.topo, s->node_of_rank, &s->lay.nodes))) {
         goto done;
@@ -448,7 +618,8 @@ int comm_sel_create(MPI_Comm comm, comm_ar *ar, const comm_sel_opts *opts, comm_
     s->lay.p = s->size;
     for (int k = 0; k < s->lay.nodes; k++) {
         int c = 0;
-        for (int i = 0; i < s->size; i++) c += s->node_of_rank[i] == k;
+        for (int i = 0; i < s->size; i++)
+            c += s->node_of_rank[i] == k;
         if (c > s->lay.ppn) s->lay.ppn = c;
     }
     if (opts && opts->probe)
@@ -475,8 +646,8 @@ void comm_sel_destroy(comm_sel *s) {
 
 static choice sel_choose(const comm_sel *s, size_t bytes) {
     comm_sel_opts o = s->o;
-    return choose(&s->pr, &s->lay, s->cand, s->fallback, slack_of(&o), degraded(&s->pr, &s->lay, &o),
-                  bytes);
+    return choose(&s->pr, &s->lay, s->cand, s->fallback, slack_of(&o),
+                  degraded(&s->pr, &s->lay, &o), &s->cal, bytes);
 }
 
 const comm_ar_algo *comm_sel_pick(comm_sel *s, size_t bytes) {
@@ -500,6 +671,14 @@ const char *comm_sel_choice(const comm_sel *s, size_t bytes, char *buf, size_t l
 
 const comm_sel_probe *comm_sel_get_probe(const comm_sel *s) {
     return &s->pr;
+}
+const char *comm_sel_hier_inter(const comm_sel *s, size_t bytes) {
+    const char *x = NULL;
+    prior(s, "hierarchical", bytes, &x);
+    return x ? x : "rabenseifner";
+}
+const comm_sel_calib *comm_sel_get_calib(const comm_sel *s) {
+    return &s->cal;
 }
 const comm_sel_layout *comm_sel_get_layout(const comm_sel *s) {
     return &s->lay;
@@ -629,8 +808,8 @@ static const char *short_name(const char *n) {
 void comm_sel_explain(const comm_sel *s, FILE *f) {
     const comm_sel_probe *p = &s->pr;
     char a[32], b[32], c[32];
-    fprintf(f, "comm: layout: %d ranks on %d node%s, at most %d per node\n", s->lay.p,
-            s->lay.nodes, s->lay.nodes == 1 ? "" : "s", s->lay.ppn);
+    fprintf(f, "comm: layout: %d ranks on %d node%s, at most %d per node\n", s->lay.p, s->lay.nodes,
+            s->lay.nodes == 1 ? "" : "s", s->lay.ppn);
     fprintf(f, "comm: probe (%.3f s): intra-node alpha %s beta %.3g ns/B (%s)\n", p->seconds,
             fmt_time(p->alpha_intra, a, sizeof a), p->beta_intra * 1e9,
             fmt_bw(p->beta_intra, b, sizeof b));
@@ -642,25 +821,65 @@ void comm_sel_explain(const comm_sel *s, FILE *f) {
         fprintf(f, "comm: probe: inter-node: none (one node)\n");
     fprintf(f, "comm: probe: gamma %.3g ns/B (local sum %s)\n", p->gamma * 1e9,
             fmt_bw(p->gamma, c, sizeof c));
+    const comm_sel_calib *cal = &s->cal;
+    if (cal->n > 0) {
+        char l1[24], l2[24];
+        fprintf(f,
+                "comm: probe: calibration (%.3f s): %d candidates timed at %s..%s (median of "
+                "%d-%d calls, slowest rank); predictions = model x measured/model, "
+                "interpolated between sizes\n",
+                cal->seconds, cal->ncand, comm_sel_fmt_bytes(cal->bytes[0], l1, sizeof l1),
+                comm_sel_fmt_bytes(cal->bytes[cal->n - 1], l2, sizeof l2), cal->reps[cal->n - 1],
+                cal->reps[0]);
+        fprintf(f, "%5s %9s", "calib", "bytes");
+        for (int i = 0; i < cal->ncand; i++)
+            fprintf(f, " %11s", short_name(cal->cand[i]));
+        fprintf(f, "  (us measured / measured:model)\n");
+        for (int j = 0; j < cal->n; j++) {
+            char l[24];
+            fprintf(f, "%5s %9s", "calib", comm_sel_fmt_bytes(cal->bytes[j], l, sizeof l));
+            for (int i = 0; i < cal->ncand; i++)
+                if (cal->t[j][i] >= 0)
+                    fprintf(f, " %11.1f", cal->t[j][i] * 1e6);
+                else
+                    fprintf(f, " %11s", "-");
+            fprintf(f, "\n%5s %9s", "ratio", "");
+            for (int i = 0; i < cal->ncand; i++)
+                if (cal->t[j][i] >= 0)
+                    fprintf(f, " %10.2fx", cal->f[j][i]);
+                else
+                    fprintf(f, " %11s", "-");
+            fprintf(f, "\n");
+        }
+    } else {
+        fprintf(f, "comm: probe: no calibration (model alone)\n");
+    }
     if (s->o.bw_threshold > 0 || s->o.lat_threshold > 0)
         fprintf(f,
                 "comm: thresholds: inter-node bandwidth < %.3g MB/s or latency > %s -> "
                 "fallback %s where within %.2fx of the best: %s\n",
                 s->o.bw_threshold / 1e6, fmt_time(s->o.lat_threshold, a, sizeof a),
                 s->fallback ? s->fallback : "none", slack_of(&s->o),
-                s->lay.nodes < 2 ? "not applicable (one node)"
-                                 : comm_sel_degraded(s) ? "BELOW threshold: fallback mode"
-                                                        : "link is above the thresholds");
-    fprintf(f, "comm: model: predicted time (us) per algorithm and size; choice per size%s\n",
+                s->lay.nodes < 2       ? "not applicable (one node)"
+                : comm_sel_degraded(s) ? "BELOW threshold: fallback mode"
+                                       : "link is above the thresholds");
+    fprintf(f, "comm: model: predicted time (us) per algorithm and size%s; choice per size%s\n",
+            cal->n > 0 ? " (model x calibration; - = not eligible)" : "",
             comm_sel_degraded(s) ? " (* = fallback)" : "");
     fprintf(f, "%9s", "bytes");
-    for (int i = 0; s->cand[i]; i++) fprintf(f, " %11s", short_name(s->cand[i]));
+    for (int i = 0; s->cand[i]; i++)
+        fprintf(f, " %11s", short_name(s->cand[i]));
     fprintf(f, "  choice\n");
     for (size_t n = 4; n <= EXPLAIN_MAX; n *= 2) {
         char l[24], ch[48];
         fprintf(f, "%9s", comm_sel_fmt_bytes(n, l, sizeof l));
-        for (int i = 0; s->cand[i]; i++)
-            fprintf(f, " %11.1f", comm_sel_predict(p, &s->lay, s->cand[i], NULL, n) * 1e6);
+        for (int i = 0; s->cand[i]; i++) {
+            double k = cal_factor(cal, s->cand[i], n);
+            if (k > 0)
+                fprintf(f, " %11.1f", comm_sel_predict(p, &s->lay, s->cand[i], NULL, n) * k * 1e6);
+            else
+                fprintf(f, " %11s", "-");
+        }
         choice cc = sel_choose(s, n);
         fprintf(f, "  %s%s\n", choice_str(cc, ch, sizeof ch), cc.fallback ? "*" : "");
     }

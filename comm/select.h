@@ -9,10 +9,18 @@
  * (s/byte summed, all ranks at once). The alpha-
  * beta-gamma model of comm/allreduce.h (comm_ar_model_time and
  * comm_ar_model_time_hier) then predicts every algorithm's time per message
- * size, and the selector picks the cheapest. Every rank holds bitwise the same
- * probe numbers (measured on a few ranks, agreed by an exact MAX reduction),
- * so every rank picks the same algorithm for the same size with no
- * communication per pick.
+ * size: the prior. The probe then calibrates: it times every candidate
+ * (MPI_Allreduce included) for real at 8 B, 64 KiB, 1 MiB and 16 MiB (4 MiB
+ * or fewer sizes where the time budget, 1 s on one node and 4 s across
+ * nodes, would be exceeded; candidates over 3x the best from 1 MiB on are
+ * not timed further), one MAX-over-ranks timing per call, median of a few
+ * calls. Each candidate's prediction is its prior times a correction factor
+ * measured/prior, interpolated log-log between calibration sizes and held
+ * beyond them, so at a calibrated size the choice is the measured best; a
+ * candidate no longer timed at a size is not chosen above it. The selector
+ * picks the cheapest prediction. Every rank holds bitwise the same probe and
+ * calibration numbers (agreed by exact MAX reductions), so every rank picks
+ * the same algorithm for the same size with no communication per pick.
  *
  * Thresholds (seed style `thresholds: {bandwidth, latency}`, `fallback`): when
  * the communicator spans nodes and the measured inter-node bandwidth is below
@@ -27,12 +35,12 @@
  * and may switch; the switch is reported through a callback and
  * comm_sel_last_event().
  *
- * Model limits (deliberate): flat algorithms across nodes are costed with the
- * inter-node alpha/beta, and with beta multiplied by the ranks per node for
- * the algorithms whose cross-node steps let all ranks of a node send through
- * the node's link at once (recursive doubling, Rabenseifner, parameter
- * server); ring and tree are taken to cross it one message at a time. No
- * contention of oversubscribed cores, no eager/rendezvous protocol switch.
+ * Model limits (deliberate; the calibration corrects them where it measured): flat algorithms
+ * across nodes are costed with the inter-node alpha/beta, and with beta multiplied by the ranks per
+ * node for the algorithms whose cross-node steps let all ranks of a node send through the node's
+ * link at once (recursive doubling, Rabenseifner, parameter server); ring and tree are taken to
+ * cross it one message at a time. No contention of oversubscribed cores, no eager/rendezvous
+ * protocol switch.
  *
  * Not here: the algorithms (comm/allreduce.h), fusion buckets, compression,
  * parsing of the job file (the caller fills comm_sel_opts).
@@ -46,6 +54,23 @@
 #include <mpi.h>
 #include <stddef.h>
 #include <stdio.h>
+
+/* Calibration: candidates timed for real at a few sizes during the probe;
+ * identical on every rank. t[j][i]: median over reps of the slowest rank's
+ * seconds of cand[i] at bytes[j], < 0 where not timed (pruned or over the
+ * budget); f[j][i] = t / model prior. */
+#define COMM_SEL_NCAL 4
+#define COMM_SEL_MAXCAND 16
+typedef struct {
+    int n;     /* calibrated sizes (0: none) */
+    int ncand; /* candidates, as in cand[] */
+    const char *cand[COMM_SEL_MAXCAND];
+    size_t bytes[COMM_SEL_NCAL];
+    int reps[COMM_SEL_NCAL];
+    double t[COMM_SEL_NCAL][COMM_SEL_MAXCAND];
+    double f[COMM_SEL_NCAL][COMM_SEL_MAXCAND];
+    double seconds; /* how long the calibration took */
+} comm_sel_calib;
 
 /* Probe results; identical on every rank. */
 typedef struct {
@@ -70,15 +95,20 @@ typedef struct {
     const char *fallback;
     /* Fallback used where predicted <= slack x best; <= 0: 1.25. */
     double fallback_slack;
-    /* Candidate algorithm names, NULL-terminated; NULL: all table entries
-     * except "mpi" (which the model cannot tell from ring/RD/Rabenseifner). */
+    /* Candidate algorithm names, NULL-terminated; NULL: all table entries,
+     * "mpi" (MPI_Allreduce) included: the model takes it as the best of
+     * ring/RD/Rabenseifner, the calibration measures it. */
     const char *const *algos;
     /* Node of every rank, same array on all ranks (must match what comm_ar
      * uses for hierarchical); NULL: comm_topo_groups(topo). */
     const int *node_of_rank;
     comm_topo_method topo;
-    /* Synthetic probe: no measurement, these numbers (tests, what-if). */
+    /* Synthetic probe: no measurement, these numbers (tests, what-if); no
+     * calibration at create (a later re-probe measures and calibrates). */
     const comm_sel_probe *probe;
+    /* Calibration time budget in seconds: 0: 1 s on one node, 4 s across
+     * nodes; < 0: no calibration (the model alone). */
+    double calib_budget;
     /* Re-selection: off by more than factor (<= 1: 2.0) for `after` (<= 0:
      * 3) consecutive recorded calls. */
     double factor;
@@ -102,6 +132,9 @@ void comm_sel_destroy(comm_sel *sel);
  * rank. For hierarchical it also sets ar's inter-node algorithm
  * (comm_ar_set_inter) to the one the model chose. Never NULL. */
 const comm_ar_algo *comm_sel_pick(comm_sel *sel, size_t bytes);
+/* Local. The inter-node algorithm the model prefers for hierarchical at
+ * `bytes` (what the calibration and a hierarchical pick use). */
+const char *comm_sel_hier_inter(const comm_sel *sel, size_t bytes);
 /* Local. Name of the choice for `bytes`, e.g. "rabenseifner" or
  * "hierarchical(ring)"; written to buf (returned). Predicted seconds in *t. */
 const char *comm_sel_choice(const comm_sel *sel, size_t bytes, char *buf, size_t len, double *t);
@@ -116,6 +149,7 @@ int comm_sel_reprobe(comm_sel *sel, const char *why);
 
 /* Local queries. */
 const comm_sel_probe *comm_sel_get_probe(const comm_sel *sel);
+const comm_sel_calib *comm_sel_get_calib(const comm_sel *sel);
 const comm_sel_layout *comm_sel_get_layout(const comm_sel *sel);
 const char *comm_sel_last_event(const comm_sel *sel); /* "" if none */
 int comm_sel_n_reprobes(const comm_sel *sel);

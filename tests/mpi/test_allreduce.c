@@ -32,6 +32,7 @@ typedef struct {
     int rank, size;
     comm_ar *flat;  /* defaults, detected nodes */
     comm_ar *pairs; /* node = rank / 2 */
+    comm_ar *slice; /* node = rank / 2, sliced hierarchical */
     comm_ar *mod3;  /* node = rank % 3: non-contiguous nodes */
     comm_ar *ps1;   /* last rank a dedicated server (size > 1) */
     comm_ar *ps2;   /* last two ranks dedicated servers (size > 2) */
@@ -223,7 +224,10 @@ static void test_hierarchical(void **state) {
     struct {
         comm_ar *ctx;
         const char *label;
-    } g[] = {{fx->pairs, "rank/2"}, {fx->mod3, "rank%3"}, {fx->flat, "detected"}};
+    } g[] = {{fx->pairs, "rank/2"},
+             {fx->slice, "rank/2 sliced"},
+             {fx->mod3, "rank%3"},
+             {fx->flat, "detected"}};
     size_t c[5];
     int bad = 0, nodes[8], n_host = 0;
     assert_non_null(h);
@@ -340,6 +344,22 @@ static void test_bytes_sent(void **state) {
     uint64_t lo = 2 * (uint64_t)(fx->size - 1) * (n / fx->size) * 4;
     uint64_t hi = 2 * (uint64_t)(fx->size - 1) * (n / fx->size + 1) * 4;
     bad |= sent < lo || sent > hi;
+    /* sliced hierarchical at 4 ranks on 2 nodes of 2 (inter rabenseifner on
+     * the n/2 slice): every rank sends n/2 (ring reduce-scatter) + n/4 + n/4
+     * (inter) + n/2 (ring all-gather) = 1.5 n floats; the leader scheme
+     * sends n from the non-leaders and 2n from the leaders */
+    if (fx->size == 4) {
+        size_t m = 4096;
+        for (size_t i = 0; i < m; i++)
+            fx->buf[i] = 1;
+        bad |= comm_ar_set_inter(fx->slice, "rabenseifner") != 0;
+        b0 = comm_ar_bytes_sent(fx->slice);
+        bad |= comm_ar_hierarchical(fx->slice, fx->buf, m, COMM_SUM) != 0 || fx->buf[m - 1] != 4;
+        sent = comm_ar_bytes_sent(fx->slice) - b0;
+        if (sent != 3 * m / 2 * 4)
+            bad = 1,
+            fprintf(stderr, "rank %d: sliced sent %llu B\n", fx->rank, (unsigned long long)sent);
+    }
     agree(bad, "bytes_sent");
 }
 
@@ -432,6 +452,9 @@ static int setup(void **state) {
         nodes[i] = i / 2;
     o.node_of_rank = nodes;
     rc |= comm_ar_create(MPI_COMM_WORLD, &o, &fx->pairs);
+    o.hier_sliced = 1;
+    rc |= comm_ar_create(MPI_COMM_WORLD, &o, &fx->slice);
+    o.hier_sliced = 0;
     for (int i = 0; i < fx->size; i++)
         nodes[i] = i % 3;
     rc |= comm_ar_create(MPI_COMM_WORLD, &o, &fx->mod3);
@@ -439,6 +462,7 @@ static int setup(void **state) {
         nodes[i] = i / 3;
     o.max_msg = 1000;
     o.inter = "ring";
+    o.hier_sliced = 1; /* nodes of 3: sliced at 3 and 6 ranks */
     rc |= comm_ar_create(MPI_COMM_WORLD, &o, &fx->small);
     o = (comm_ar_opts){0};
     if (fx->size > 1) {
@@ -470,6 +494,7 @@ static int teardown(void **state) {
     comm_ar_destroy(fx->ps1);
     comm_ar_destroy(fx->small);
     comm_ar_destroy(fx->mod3);
+    comm_ar_destroy(fx->slice);
     comm_ar_destroy(fx->pairs);
     comm_ar_destroy(fx->flat);
     free(fx->buf);

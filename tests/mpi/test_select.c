@@ -4,9 +4,10 @@
  * every rank, that 8-byte and 64-MiB messages get different algorithms (real
  * probe here, and synthetic probes for a two-node layout), that the choice is
  * printable (explain), that thresholds switch to the fallback only where the
- * model allows, and that re-selection triggers on slow measurements and not
- * on predicted ones. Checks are agreed over all ranks before asserting.
- * Not here: speed (bench allreduce), the emulated cluster (tests/e2e).
+ * model allows, that the calibration (real timings at a few sizes, MPI_Allreduce
+ * among the candidates) decides the choice at the calibrated sizes, and that
+ * re-selection triggers on slow measurements and not on predicted ones. Checks are agreed over all
+ * ranks before asserting. Not here: speed (bench allreduce), the emulated cluster (tests/e2e).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -15,6 +16,7 @@
 
 #include <cmocka.h>
 
+#include <math.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,7 +37,8 @@ static void agree(int local_fail, const char *what) {
 }
 
 static uint64_t hash_str(uint64_t h, const char *s) {
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 0x100000001b3ULL;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 0x100000001b3ULL;
     return h;
 }
 
@@ -67,6 +70,13 @@ static void test_identical_picks(void **state) {
         memcpy(&u, &v[i], sizeof u);
         h = (h ^ u) * 0x100000001b3ULL;
     }
+    const comm_sel_calib *cal = comm_sel_get_calib(sel);
+    for (int j = 0; j < cal->n; j++)
+        for (int i = 0; i < cal->ncand; i++) {
+            uint64_t u;
+            memcpy(&u, &cal->t[j][i], sizeof u);
+            h = (h ^ u ^ cal->bytes[j]) * 0x100000001b3ULL;
+        }
     int bad = differs_u64(h);
     for (size_t b = 4; b <= 256 * MIB; b *= 2) {
         const comm_ar_algo *a = comm_sel_pick(sel, b);
@@ -76,8 +86,10 @@ static void test_identical_picks(void **state) {
     }
     bad |= differs_u64(h);
     if (bad && rank_ == 0) fprintf(stderr, "probe numbers or picks differ between ranks\n");
-    /* the probe is short */
+    /* the probe is short; the calibration keeps near its 1 s budget (loose:
+     * a guard against a broken budget rule, not a speed test) */
     if (p->seconds > 2) bad = 1, fprintf(stderr, "probe took %.2f s\n", p->seconds);
+    if (cal->seconds > 5) bad = 1, fprintf(stderr, "calibration took %.2f s\n", cal->seconds);
     agree(bad, "identical probe and picks");
     comm_sel_destroy(sel);
 }
@@ -133,7 +145,8 @@ static void test_small_large_synthetic(void **state) {
     double t3 = comm_sel_predict(&gbit, &two, "hierarchical", "ring", MIB);
     double t4 = comm_ar_model_time_hier(2, 2, MIB, gbit.alpha_intra, gbit.beta_intra, "ring",
                                         gbit.alpha_inter, gbit.beta_inter, gbit.gamma);
-    if (t1 != t2 || t3 != t4) bad = 1, fprintf(stderr, "model mismatch %g/%g %g/%g\n", t1, t2, t3, t4);
+    if (t1 != t2 || t3 != t4)
+        bad = 1, fprintf(stderr, "model mismatch %g/%g %g/%g\n", t1, t2, t3, t4);
     if (comm_sel_predict(&gbit, &one, "nope", NULL, 8) >= 0) bad = 1;
     /* with a slow network, hierarchical wins large messages on two nodes */
     char h[64];
@@ -144,7 +157,8 @@ static void test_small_large_synthetic(void **state) {
     /* the same synthetic probe through the context: ranks split in two nodes */
     if (size_ >= 2) {
         int *nodes = malloc((size_t)size_ * sizeof *nodes);
-        for (int r = 0; r < size_; r++) nodes[r] = r < size_ / 2 ? 0 : 1;
+        for (int r = 0; r < size_; r++)
+            nodes[r] = r < size_ / 2 ? 0 : 1;
         comm_sel_opts o = {.probe = &gbit, .node_of_rank = nodes};
         comm_sel *sel = NULL;
         int rc = comm_sel_create(MPI_COMM_WORLD, ar_, &o, &sel);
@@ -165,6 +179,63 @@ static void test_small_large_synthetic(void **state) {
     }
 }
 
+/* The calibration: on more than one rank the candidates (MPI_Allreduce
+ * among them) are timed at 8 B and up; at every calibrated size the choice is
+ * the measured fastest and its prediction the measured median; candidates not
+ * timed at a size are not chosen above it; calib_budget < 0 turns it off. */
+static void test_calibration(void **state) {
+    (void)state;
+    comm_sel *sel = NULL;
+    int rc = comm_sel_create(MPI_COMM_WORLD, ar_, NULL, &sel);
+    agree(rc != 0, "comm_sel_create");
+    const comm_sel_calib *c = comm_sel_get_calib(sel);
+    int bad = 0, has_mpi = 0;
+    for (int i = 0; i < c->ncand; i++)
+        has_mpi |= !strcmp(c->cand[i], "mpi");
+    if (size_ == 1) {
+        bad |= c->n != 0;
+    } else {
+        bad |= !has_mpi || c->n < 1 || c->bytes[0] != 8;
+        for (int j = 0; j < c->n && !bad; j++) {
+            int bi = -1;
+            for (int i = 0; i < c->ncand; i++)
+                if (c->t[j][i] >= 0 && (bi < 0 || c->t[j][i] < c->t[j][bi])) bi = i;
+            char name[64];
+            double t = 0;
+            comm_sel_choice(sel, c->bytes[j], name, sizeof name, &t);
+            if (bi < 0 || strncmp(name, c->cand[bi], strlen(c->cand[bi])) ||
+                fabs(t - c->t[j][bi]) > 1e-9 * c->t[j][bi])
+                bad = 1,
+                fprintf(stderr, "%zu B: choice %s (%g s), measured best %s (%g s)\n", c->bytes[j],
+                        name, t, bi < 0 ? "-" : c->cand[bi], bi < 0 ? 0 : c->t[j][bi]);
+            /* a candidate dropped at this size is never chosen above it */
+            for (int i = 0; j > 0 && i < c->ncand; i++)
+                if (c->t[j - 1][i] >= 0 && c->t[j][i] < 0)
+                    for (size_t b = c->bytes[j]; b <= 256 * MIB; b *= 2)
+                        if (!strncmp(comm_sel_choice(sel, b, name, sizeof name, NULL), c->cand[i],
+                                     strlen(c->cand[i])) &&
+                            strlen(name) >= strlen(c->cand[i]))
+                            bad = 1,
+                            fprintf(stderr, "%zu B: %s chosen after being dropped\n", b, name);
+        }
+        char *text = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&text, &len);
+        comm_sel_explain(sel, f);
+        fclose(f);
+        if (!strstr(text, "comm: probe: calibration") || !strstr(text, "calib       8 B"))
+            bad = 1, fprintf(stderr, "explain lacks the calibration:\n%s", text);
+        if (rank_ == 0) printf("%s", text);
+        free(text);
+    }
+    agree(bad, "calibration decides at the calibrated sizes");
+    comm_sel_destroy(sel);
+    comm_sel_opts off = {.calib_budget = -1};
+    rc = comm_sel_create(MPI_COMM_WORLD, ar_, &off, &sel);
+    agree(rc != 0 || comm_sel_get_calib(sel)->n != 0, "calib_budget < 0: no calibration");
+    comm_sel_destroy(sel);
+}
+
 static void test_threshold_fallback(void **state) {
     (void)state;
     int bad = 0;
@@ -177,7 +248,8 @@ static void test_threshold_fallback(void **state) {
     comm_sel_opts o = {.bw_threshold = 10e9, .fallback = "parameter_server", .fallback_slack = 100};
     for (size_t b = 8; b <= 64 * MIB; b *= 8) {
         comm_sel_best(&slow, &lay, &o, b, c, sizeof c, NULL);
-        if (strcmp(c, "parameter_server")) bad = 1, fprintf(stderr, "%zu B: %s, want fallback\n", b, c);
+        if (strcmp(c, "parameter_server"))
+            bad = 1, fprintf(stderr, "%zu B: %s, want fallback\n", b, c);
     }
     /* same, but the model shows the fallback far slower: the best is kept */
     o.fallback_slack = 1.0001;
@@ -204,15 +276,19 @@ static void test_threshold_fallback(void **state) {
     /* through the context: degraded flag and explain */
     if (size_ >= 2) {
         int *nodes = malloc((size_t)size_ * sizeof *nodes);
-        for (int r = 0; r < size_; r++) nodes[r] = r % 2;
-        comm_sel_opts co = {.probe = &slow, .node_of_rank = nodes, .bw_threshold = 10e9,
-                            .lat_threshold = 1e-3, .fallback_slack = 100};
+        for (int r = 0; r < size_; r++)
+            nodes[r] = r % 2;
+        comm_sel_opts co = {.probe = &slow,
+                            .node_of_rank = nodes,
+                            .bw_threshold = 10e9,
+                            .lat_threshold = 1e-3,
+                            .fallback_slack = 100};
         comm_sel *sel = NULL;
         int rc = comm_sel_create(MPI_COMM_WORLD, ar_, &co, &sel);
         free(nodes);
         agree(rc != 0, "comm_sel_create (thresholds)");
-        bad = !comm_sel_degraded(sel) || strcmp(comm_sel_pick(sel, 64 * MIB)->name,
-                                               "parameter_server");
+        bad = !comm_sel_degraded(sel) ||
+              strcmp(comm_sel_pick(sel, 64 * MIB)->name, "parameter_server");
         char *text = NULL;
         size_t len = 0;
         FILE *f = open_memstream(&text, &len);
@@ -281,7 +357,8 @@ static void test_reselect(void **state) {
     agree(bad, "re-selection after 3 slow calls");
     /* picks stay identical after the re-probe */
     uint64_t h = 0xcbf29ce484222325ULL;
-    for (size_t b = 4; b <= 256 * MIB; b *= 4) h = hash_str(h, comm_sel_pick(sel, b)->name);
+    for (size_t b = 4; b <= 256 * MIB; b *= 4)
+        h = hash_str(h, comm_sel_pick(sel, b)->name);
     agree(differs_u64(h), "identical picks after re-probe");
     comm_sel_destroy(sel);
 }
@@ -326,6 +403,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_identical_picks),
         cmocka_unit_test(test_small_large_real),
         cmocka_unit_test(test_small_large_synthetic),
+        cmocka_unit_test(test_calibration),
         cmocka_unit_test(test_threshold_fallback),
         cmocka_unit_test(test_reselect),
         cmocka_unit_test(test_errors),
