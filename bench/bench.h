@@ -12,6 +12,7 @@ int bench_gemm(int argc, char **argv, MPI_Comm comm);
 int bench_train(int argc, char **argv, MPI_Comm comm);
 int bench_ckpt(int argc, char **argv, MPI_Comm comm);
 int bench_allreduce(int argc, char **argv, MPI_Comm comm);
+int bench_compress(int argc, char **argv, MPI_Comm comm);
 
 /* Opens FILE for appending and writes `header` first if the file is new. */
 FILE *bench_csv_open(const char *file, const char *header);

@@ -145,3 +145,51 @@ if command -v gnuplot >/dev/null; then
     rm -f "$OUT"/allreduce-*.dat
     echo "plot: $OUT/allreduce.png"
 fi
+
+echo
+echo "== compress: gradient compressors (mpilm bench compress): one bucket (--micro) and training steps"
+# timed runs hold the machine's bench lock (not again when the caller holds it)
+cx_lock() { if [[ -n ${MPILM_BENCH_LOCKED:-} ]]; then "$@"; else MPILM_BENCH_LOCKED=1 flock /tmp/mpilm-bench.lock "$@"; fi; }
+rm -f "$OUT/compress.csv" "$OUT/compress-micro.csv"
+cx_lock env OMP_NUM_THREADS=1 $MPIRUN -n 2 $MPILM bench compress --micro --label local-2 \
+    --csv "$OUT/compress-micro.csv"
+# a shape where communication matters on 1 Gbit/s: jobs/small.yaml's 4.8M-parameter model
+# (19 MB of gradients) with 64 tokens per rank and step
+CX_ARGS=(--job "$PWD/jobs/small.yaml" --steps "${CX_STEPS:-40}" --warmup 5 --set data.dir="$PWD/data/demo"
+         --set train.micro_batch=1 --set train.global_batch=4 --set model.block_size=64
+         --set train.warmup=5)
+cx_lock env OMP_NUM_THREADS=1 $MPIRUN -n 2 $MPILM bench compress "${CX_ARGS[@]}" --label local-2 \
+    --csv "$OUT/compress.csv"
+if [[ ${CX_EMU:-1} != 0 ]] && ip netns add mpilm-cx-probe$$ >/dev/null 2>&1; then
+    ip netns del mpilm-cx-probe$$
+    (
+        export EMU_DIR=/tmp/mpilm-bench-emu-cx EMU_PREFIX=mpilmc EMU_NET=10.213.82 EMU_SLOTS=2
+        trap 'bash tools/emu-cluster.sh down >/dev/null 2>&1 || true' EXIT
+        bash tools/emu-cluster.sh up 2 1gbit
+        cx_lock env OMP_NUM_THREADS=1 bash tools/emu-cluster.sh run -np 4 --per-node 2 -- \
+            "$PWD/$MPILM" bench compress "${CX_ARGS[@]}" --label emu-1gbit --csv "$PWD/$OUT/compress.csv"
+    )
+    echo
+    echo "== reselect: adaptive all-reduce, inter-node rate 10gbit -> 100mbit during training"
+    cx_lock env MPILM="$MPILM" OUT="$OUT" bash bench/reselect.sh || true
+fi
+if command -v gnuplot >/dev/null && [[ -s $OUT/compress.csv ]]; then
+    # speed-up of the step vs dense and loss difference, per compressor, one panel per run label
+    labels=$(awk -F, 'NR > 1 && !seen[$1]++ { print $1 }' "$OUT/compress.csv")
+    nl=$(echo "$labels" | wc -w)
+    {
+        echo "set terminal pngcairo size 1100,$((360 * nl)) noenhanced"
+        echo "set output '$OUT/compress.png'"
+        echo "set datafile separator ','; set style data histograms; set style fill solid 0.8"
+        echo "set grid ytics; set key top left; set y2tics; set ytics nomirror; set yrange [0:*]"
+        echo "set ylabel 'step speed-up vs dense (x)'; set y2label 'loss vs dense (%)'"
+        echo "set multiplot layout $nl,1"
+        for l in $labels; do
+            echo "set title '$l: mpilm bench compress (jobs/small.yaml model, 64 tokens/rank/step)'"
+            echo "plot '< grep ^$l, $OUT/compress.csv' using 11:xtic(4) title 'speed-up' axes x1y1, \
+                  '' using 13 title 'loss vs dense %' axes x1y2"
+        done
+        echo "unset multiplot"
+    } | gnuplot
+    echo "plot: $OUT/compress.png"
+fi

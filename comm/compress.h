@@ -13,13 +13,18 @@
  *                s = absmax / L per block, L = 127, 7, 1 (codes -L..L;
  *                int2 is ternary, QSGD s=1 style); stochastic rounding
  *                q = floor(x/s + u), u uniform: E[q s] = x (unbiased) and
- *                |x - q s| < s (up to one fp32 rounding of q*s). The
- *                uniforms are a hash of (seed, step, rank, stage, element),
- *                so a run is reproducible. 8.125 / 4.125 / 2.125 bits/value.
+ *                |x - q s| <= s (up to one fp32 rounding of q*s). The
+ *                uniforms are a 32-bit counter hash of (seed, step, rank,
+ *                stage, element), so a run is reproducible; computed in
+ *                float, 8 lanes at a time, with an exact fma remainder
+ *                that keeps the bounds. 8.125 / 4.125 / 2.125 bits/value.
  *   topk         the k = ceil(ratio n) largest |values| (ties: lower index
  *                first), sent as (uint32 index, fp32 value) pairs with one
  *                MPI_Allgather and summed into a dense buffer. Needs
- *                n < 2^32.
+ *                n < 2^32. Selection in O(n) without sorting: a histogram
+ *                of the 11 leading magnitude bits (in the pass that adds
+ *                the residual), one scan gathering the threshold bucket
+ *                and above, a radix select on those candidates.
  *   powersgd     rank-r PowerSGD (Vogels et al. 2019) with warm start: for
  *                each matrix M (rows x cols, given by the caller as
  *                consecutive segments of the buffer) P = M Q, all-reduce P,
@@ -42,6 +47,11 @@
  * Result: the SUM or AVG (comm_op) of all ranks' compressed gradients,
  * bitwise identical on every rank (each value is decoded from the same
  * messages in the same order everywhere, or computed by one rank and sent).
+ *
+ * Cost: every stage is one vectorized pass over the buffer (error-feedback
+ * sum, encode and new residual fused; decode and sum fused) with buffers
+ * allocated at create; `mpilm bench compress --micro` times each phase
+ * (comm_cx_phase_times).
  *
  * Error feedback (default on): the residual (input + old residual - what
  * this rank transmitted) is kept per element and added to the next step's
@@ -160,6 +170,36 @@ float *comm_cx_residual(comm_cx *cx, size_t *len);
 /* PowerSGD's warm-start Q matrices (cols x r each, concatenated), the same
  * on all ranks; *len == 0 and NULL for other types. Writable. */
 float *comm_cx_state(comm_cx *cx, size_t *len);
+
+/* Profile: wall time this rank spent in each phase of its calls since
+ * create (or the last reset), for `mpilm bench compress --micro`. Quantizers:
+ * encode (error feedback + stage-1 encode), alltoallv, decode_sum (decode
+ * the p messages of the own chunk and sum), reencode (stage 2), allgatherv,
+ * decode; topk: select (error feedback + selection), allgather,
+ * scatter_add; powersgd: matmul (P = M Q, Q = M^T P, P Q^T, residual),
+ * orthonormalize, allreduce_p, allreduce_q; dense: warm-up / fallback
+ * all-reduce. Collective phases include the wait for slower ranks. */
+typedef enum {
+    COMM_CX_PH_ENCODE,
+    COMM_CX_PH_ALLTOALLV,
+    COMM_CX_PH_DECODE_SUM,
+    COMM_CX_PH_REENCODE,
+    COMM_CX_PH_ALLGATHERV,
+    COMM_CX_PH_DECODE,
+    COMM_CX_PH_SELECT,
+    COMM_CX_PH_ALLGATHER,
+    COMM_CX_PH_SCATTER_ADD,
+    COMM_CX_PH_MATMUL,
+    COMM_CX_PH_ORTHO,
+    COMM_CX_PH_ALLREDUCE_P,
+    COMM_CX_PH_ALLREDUCE_Q,
+    COMM_CX_PH_DENSE,
+    COMM_CX_NPHASES
+} comm_cx_phase;
+const char *comm_cx_phase_name(comm_cx_phase ph);
+/* Local: secs[COMM_CX_NPHASES] := seconds per phase; reset zeroes them. */
+void comm_cx_phase_times(const comm_cx *cx, double *secs);
+void comm_cx_phase_reset(comm_cx *cx);
 
 /* ---- building blocks (local, pure; used by the exchange and tests) ---- */
 

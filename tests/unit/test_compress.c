@@ -169,6 +169,8 @@ static void test_quant_bounds(void **st) {
     fill_spread(x, n, -12, 6);
     for (size_t i = 5000; i < 5300; i++)
         x[i] = 0; /* an all-zero block */
+    for (size_t i = 7000; i < 7300; i++)
+        x[i] = gauss() * 1e-33f; /* scales whose inverse overflows float */
     for (int qi = 0; qi < 3; qi++) {
         for (size_t B = 1; B <= 256; B *= 16) { /* 1, 16, 256 */
             comm_cx_type t = QTYPES[qi];
@@ -313,22 +315,30 @@ static int by_idx(const void *a, const void *b) {
     return i < j ? -1 : i > j;
 }
 
+/* Both paths of the selection: candidates of the threshold bucket gathered
+ * (spread magnitudes) and passes over the whole buffer (many equal or
+ * close magnitudes: more candidates than the 4 k + 4096 gathered). */
 static void test_topk_exact(void **st) {
     (void)st;
-    const size_t n = 5000;
-    float *x = malloc(n * sizeof *x);
-    uint32_t *got = malloc(n * 4), *ref = malloc(n * 4);
+    const size_t nmax = 70001;
+    float *x = malloc(nmax * sizeof *x);
+    uint32_t *got = malloc(nmax * 4), *ref = malloc(nmax * 4);
     sm_state = 15;
-    for (int trial = 0; trial < 4; trial++) {
+    for (int trial = 0; trial < 8; trial++) {
+        size_t n = trial < 4 ? 5000 : nmax;
         for (size_t i = 0; i < n; i++) {
             if (trial == 0)
                 x[i] = gauss();
-            else if (trial == 1)
+            else if (trial % 4 == 1)
                 x[i] = (float)((int)(next_u64() % 9) - 4); /* many ties */
-            else if (trial == 2)
+            else if (trial % 4 == 2)
                 x[i] = (float)ldexp(gauss(), (int)(next_u64() % 60) - 40);
-            else
+            else if (trial == 3)
                 x[i] = (i % 3) ? 0.f : -0.f; /* all equal magnitude */
+            else if (trial == 4)
+                x[i] = gauss();
+            else /* one binade, 11 leading key bits shared by ~1/8 of them */
+                x[i] = 1.0f + (float)(next_u64() % 1024) / 1024.0f;
         }
         size_t ks[] = {0, 1, 7, 50, 1234, n - 1, n};
         for (size_t kk = 0; kk < sizeof ks / sizeof *ks; kk++) {
@@ -343,7 +353,7 @@ static void test_topk_exact(void **st) {
                 fail_msg("top-k trial %d k=%zu differs from the sorted reference", trial, k);
         }
     }
-    assert_int_equal(comm_cx_topk_select(x, n, n + 1, got), COMM_ERR_ARG);
+    assert_int_equal(comm_cx_topk_select(x, 10, 11, got), COMM_ERR_ARG);
     free(x), free(got), free(ref);
 }
 
