@@ -15,6 +15,7 @@ PKG_BLAS := $(shell test -e $(BLAS_DIR)/libopenblas.so && echo openblas-openmp)
 PKG_H5   := $(shell pkg-config --exists hdf5-openmpi 2>/dev/null && echo hdf5-openmpi)
 PKG_YAML := $(shell pkg-config --exists yaml-0.1 2>/dev/null && echo yaml-0.1)
 PKG_CMK  := $(shell pkg-config --exists cmocka 2>/dev/null && echo cmocka)
+PKG_MHD  := $(shell pkg-config --exists libmicrohttpd 2>/dev/null && echo libmicrohttpd)
 HAVE_MPICC := $(shell command -v $(MPICC) >/dev/null 2>&1 && echo yes)
 
 WERROR  ?= -Werror
@@ -27,7 +28,7 @@ CFLAGS  += -std=gnu11 -Wall -Wextra $(WERROR) -Wno-format-truncation -fopenmp -D
 CPPFLAGS += -I. -I/usr/include/x86_64-linux-gnu/openblas-openmp \
             $(if $(PKG_H5),$(shell pkg-config --cflags hdf5-openmpi))
 LDLIBS  += $(if $(PKG_H5),$(shell pkg-config --libs hdf5-openmpi)) \
-           -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas -lyaml -lm -fopenmp
+           -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas -lyaml -lmicrohttpd -lpthread -lm -fopenmp
 
 LIB_SRC := $(sort $(wildcard src/*.c kernels/cpu/*.c comm/*.c io/*.c bench/*.c))
 LIB_SRC := $(filter-out src/main.c $(EXCLUDE),$(LIB_SRC))
@@ -45,9 +46,10 @@ probe:
 	@echo "  HDF5      : $(if $(PKG_H5),parallel (hdf5-openmpi $(shell pkg-config --modversion hdf5-openmpi)),MISSING - run 'make deps')"
 	@echo "  BLAS      : $(if $(PKG_BLAS),OpenBLAS (OpenMP build, $(BLAS_DIR)),MISSING - run 'make deps')"
 	@echo "  libyaml   : $(if $(PKG_YAML),$(shell pkg-config --modversion yaml-0.1),MISSING - run 'make deps')"
+	@echo "  libmicrohttpd: $(if $(PKG_MHD),$(shell pkg-config --modversion libmicrohttpd),MISSING - run 'make deps')"
 	@echo "  CMocka    : $(if $(PKG_CMK),$(shell pkg-config --modversion cmocka),missing (needed by 'make test'))"
 	@echo "  nvcc/NCCL : $(if $(NO_CUDA),disabled (NO_CUDA=1),$(if $(NVCC),$(NVCC) found; this build has no CUDA kernels yet,not found))"
-	@test -n "$(HAVE_MPICC)" -a -n "$(PKG_H5)" -a -n "$(PKG_BLAS)" -a -n "$(PKG_YAML)" || \
+	@test -n "$(HAVE_MPICC)" -a -n "$(PKG_H5)" -a -n "$(PKG_BLAS)" -a -n "$(PKG_YAML)" -a -n "$(PKG_MHD)" || \
 	  { echo "error: missing dependencies; run 'make deps' (Debian, root or sudo)"; exit 1; }
 
 $(BUILD)/obj/%.o: %.c

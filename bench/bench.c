@@ -21,6 +21,7 @@ int bench_main(int argc, char **argv, MPI_Comm comm) {
     if (!strcmp(kind, "ckpt")) return bench_ckpt(argc - 1, argv + 1, comm);
     if (!strcmp(kind, "allreduce")) return bench_allreduce(argc - 1, argv + 1, comm);
     if (!strcmp(kind, "compress")) return bench_compress(argc - 1, argv + 1, comm);
+    if (!strcmp(kind, "serve")) return bench_serve(argc - 1, argv + 1, comm);
     if (rank == 0) {
         FILE *f = (!strcmp(kind, "--help") || !strcmp(kind, "-h")) ? stdout : stderr;
         fprintf(f, "usage: mpilm bench gemm|train [options] [--csv FILE]   (each has --help)\n");

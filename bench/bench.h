@@ -13,6 +13,7 @@ int bench_train(int argc, char **argv, MPI_Comm comm);
 int bench_ckpt(int argc, char **argv, MPI_Comm comm);
 int bench_allreduce(int argc, char **argv, MPI_Comm comm);
 int bench_compress(int argc, char **argv, MPI_Comm comm);
+int bench_serve(int argc, char **argv, MPI_Comm comm);
 
 /* Opens FILE for appending and writes `header` first if the file is new. */
 FILE *bench_csv_open(const char *file, const char *header);

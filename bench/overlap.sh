@@ -21,7 +21,7 @@ for p in $(seq "$PAIRS"); do
         line=$(tools/emu-cluster.sh run -np 2 --per-node 1 -x OMP_NUM_THREADS=1 -x OMPI_MCA_mpi_yield_when_idle=1 -- \
             "$MPILM" bench train --job jobs/small.yaml --steps 6 --set data.dir="$PWD/data/demo" \
             --set comm.strategy=ring --set comm.bucket_mb=2 --set comm.overlap=$ov | grep ' dp=2 ')
-        ms=$(sed -n 's/.* \([0-9.]*\) ms\/step.*/\1/p' <<<"$line")
+        ms=$(sed -n 's/^ *dp=.* m=[0-9]* *\([0-9.]*\) ms\/step .*/\1/p' <<<"$line")
         wait=$(sed -n 's/.*all-reduce wait \([0-9.]*\) ms.*/\1/p' <<<"$line")
         echo "overlap=$ov pair $p: $ms ms/step, all-reduce exposed $wait ms/step"
         echo "$ov,$p,$ms,$wait" >>"$OUT/overlap.csv"

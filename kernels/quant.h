@@ -108,19 +108,39 @@ int dequant_tensor(quant_fmt f, const void *q, size_t rows, size_t cols, float *
 double quant_rel_rmse(const float *ref, const float *approx, size_t n);
 
 /* y (B, out) = x (B, in) @ W^T (+ bias (out), may be NULL), W (out, in) in
- * format f, read block by block without a dequantized copy (a block's codes
- * are expanded in registers, products accumulated in fp32; per block
- * d*sum(v*x), plus for q4/q4a an offset times the block sum of x, which is
- * the only allocation: B*in/32 floats). Meant for decode-sized B (1..32)
- * but correct for any B. OpenMP over output rows; every y element is
- * computed by the same instruction sequence whatever the thread count, so
- * results are bitwise independent of it. AVX2/FMA/F16C when compiled for
- * it (x86-64-v3), else the reference below. Agrees with a float matmul on
- * the dequantized weights to ~1e-6 of sum|w x|. */
+ * format f, read block by block without a dequantized copy (kernels/cpu/
+ * quant_dot.c). Each row of x is quantized per block of 32 to int8 (scale
+ * dx = absmax/127, round to nearest) and every weight block is an exact
+ * integer dot product with it, scaled once per block (as llama.cpp does).
+ * Numerics, per output y[b,r] with the dequantized weights w and per block
+ * j of the row: |y - sum w x| <= sum_j (dx_j/2) sum_{i in j} |w_i|
+ *   (+ nf4 only: sum_j |d_j| (0.5/127) sum_{i in j} |xq_i dx_j|, the int8
+ *   rounding of the codebook) + fp32 rounding (~1e-6 of sum |w x|).
+ * Allocates the packed x (about B*in*1.25 bytes). Meant for decode-sized B
+ * (1..32) but correct for any B. OpenMP over output rows; each y element is
+ * computed by the same instruction sequence whatever the thread count and
+ * the other rows of x, so results are bitwise independent of both (for one
+ * ISA). Uses quant_isa_best(). */
 int quant_matmul(quant_fmt f, const void *wq, size_t out, size_t in, const float *x, size_t B,
                  const float *bias, float *y);
-/* Portable scalar reference of quant_matmul (single thread, sequential fp32
- * sum per output); the tests check the fast path against it. */
+
+/* Kernel instruction sets: AUTO = the best this CPU runs; SCALAR = the
+ * exact reference (quant_matmul_ref); AVX2 (x86-64-v3: vpmaddubsw) and
+ * AVX512VNNI (vpdpbusd, chosen at run time with a CPU check). */
+typedef enum {
+    QUANT_ISA_AUTO = 0,
+    QUANT_ISA_SCALAR,
+    QUANT_ISA_AVX2,
+    QUANT_ISA_AVX512VNNI
+} quant_isa;
+quant_isa quant_isa_best(void);
+const char *quant_isa_name(quant_isa isa);
+/* quant_matmul with a given ISA: -ENOTSUP when this CPU or build lacks it
+ * (the tests run every available one). */
+int quant_matmul_isa(quant_fmt f, quant_isa isa, const void *wq, size_t out, size_t in,
+                     const float *x, size_t B, const float *bias, float *y);
+/* Exact portable scalar reference: float matmul on the dequantized weights
+ * (single thread, sequential fp32 sum per output). */
 int quant_matmul_ref(quant_fmt f, const void *wq, size_t out, size_t in, const float *x, size_t B,
                      const float *bias, float *y);
 

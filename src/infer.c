@@ -6,6 +6,7 @@
 #include "kernels/quant.h"
 #include "src/spmd.h"
 
+#include <errno.h>
 #include <hdf5.h>
 #include <immintrin.h>
 #include <math.h>
@@ -32,8 +33,14 @@ struct infer_engine {
     const float *wte, *wpe, *lnfw, *lnfb;
     layer *ly;
     lin head;
-    float *kc, *vc; /* (S, L, Tmax, C) */
-    int *pos;       /* (S) */
+    /* paged KV cache: NPG pages of INFER_KV_PAGE positions, (L, NPG, PAGE, C)
+     * each for K and V; slot s holds pages ptab[s*MP .. s*MP + npg[s]) */
+    float *kc, *vc;
+    int MP, NPG, nfree;
+    unsigned char *used; /* (NPG) */
+    size_t blk;          /* floats per (layer, page): PAGE * C */
+    int *ptab, *npg;
+    int *pos; /* (S) */
     /* scratch for R = max(Tmax, S) rows */
     int R;
     float *x, *ln, *qkv, *atty, *fc, *tmp, *mean, *rstd, *att, *logits;
@@ -76,7 +83,9 @@ static float dot_f32(const float *a, const float *b, int n) {
 
 static void small_matmul(float *y, const float *x, const float *w, const float *bias, int N, int in,
                          int out) {
-#pragma omp parallel for schedule(static)
+    /* dynamic chunks as quant_matmul (a thread that loses its core on a
+     * shared node holds back 16 rows, not half); results do not change */
+#pragma omp parallel for schedule(dynamic, 16)
     for (int o = 0; o < out; o++) {
         const float *wr = w + (size_t)o * in;
         float bo = bias ? bias[o] : 0.f;
@@ -106,6 +115,11 @@ static lin mk_lin(gpt *g, const char *w, const char *b, int in, int out) {
 }
 
 int infer_create(gpt *g, int max_batch, infer_engine **out, char *err, size_t errlen) {
+    return infer_create_kv(g, max_batch, 0, out, err, errlen);
+}
+
+int infer_create_kv(gpt *g, int max_batch, size_t kv_bytes, infer_engine **out, char *err,
+                    size_t errlen) {
     *out = NULL;
     const gpt_config *c = gpt_cfg(g);
     const gpt_part *pt = gpt_get_part(g);
@@ -143,9 +157,24 @@ int infer_create(gpt *g, int max_batch, infer_engine **out, char *err, size_t er
             return -1;
         }
     }
-    size_t kv = (size_t)e->S * e->L * e->Tmax * C, R = (size_t)e->R;
+    e->MP = (e->Tmax + INFER_KV_PAGE - 1) / INFER_KV_PAGE;
+    size_t page = 2 * (size_t)e->L * INFER_KV_PAGE * C * sizeof(float), full = (size_t)e->S * e->MP;
+    size_t npg = kv_bytes ? kv_bytes / page : full;
+    if (npg < 1) {
+        snprintf(err, errlen, "KV-cache budget of %zu bytes is less than one page (%zu bytes)",
+                 kv_bytes, page);
+        infer_destroy(e);
+        return -1;
+    }
+    e->NPG = (int)(npg < full ? npg : full);
+    e->blk = (size_t)INFER_KV_PAGE * C;
+    size_t kv = (size_t)e->NPG * e->L * e->blk, R = (size_t)e->R;
     e->kc = malloc(kv * sizeof(float));
     e->vc = malloc(kv * sizeof(float));
+    e->ptab = malloc((size_t)e->S * e->MP * sizeof(int));
+    e->npg = calloc((size_t)e->S, sizeof(int));
+    e->used = calloc((size_t)e->NPG, 1);
+    e->nfree = e->NPG;
     e->pos = calloc((size_t)e->S, sizeof(int));
     e->x = malloc(R * C * sizeof(float));
     e->ln = malloc(R * C * sizeof(float));
@@ -159,8 +188,8 @@ int infer_create(gpt *g, int max_batch, infer_engine **out, char *err, size_t er
     size_t na = (size_t)e->NH * e->Tmax * (e->Tmax > e->S ? e->Tmax : e->S);
     e->att = malloc(na * sizeof(float));
     e->logits = malloc((size_t)e->S * e->V * sizeof(float));
-    if (!e->kc || !e->vc || !e->pos || !e->x || !e->ln || !e->qkv || !e->atty || !e->fc ||
-        !e->tmp || !e->mean || !e->rstd || !e->att || !e->logits)
+    if (!e->kc || !e->vc || !e->ptab || !e->npg || !e->used || !e->pos || !e->x || !e->ln ||
+        !e->qkv || !e->atty || !e->fc || !e->tmp || !e->mean || !e->rstd || !e->att || !e->logits)
         goto oom;
     *out = e;
     return 0;
@@ -184,14 +213,82 @@ void infer_destroy(infer_engine *e) {
         }
     lin_free(&e->head);
     free(e->ly);
-    free(e->kc), free(e->vc), free(e->pos);
+    free(e->kc), free(e->vc), free(e->ptab), free(e->npg), free(e->used), free(e->pos);
     free(e->x), free(e->ln), free(e->qkv), free(e->atty), free(e->fc), free(e->tmp);
     free(e->mean), free(e->rstd), free(e->att), free(e->logits);
     free(e);
 }
 
 size_t infer_kv_bytes(const infer_engine *e) {
-    return 2 * (size_t)e->S * e->L * e->Tmax * e->C * sizeof(float);
+    return 2 * (size_t)e->NPG * e->L * INFER_KV_PAGE * e->C * sizeof(float);
+}
+
+/* Positions t0 .. t0 + return - 1 (at most p) of a sequence with page table
+ * pt lie in adjacent pages, i.e. are consecutive rows of the pool. Decode
+ * attention walks such runs: going page by page (16 rows at a time) was
+ * measured ~25% slower at a context of 1024, where contiguous runs match a
+ * contiguous per-slot cache. */
+static inline int run_len(const int *pt, int t0, int p) {
+    int k = t0 / INFER_KV_PAGE, n = INFER_KV_PAGE - t0 % INFER_KV_PAGE;
+    while (t0 + n <= p && pt[k + 1] == pt[k] + 1)
+        n += INFER_KV_PAGE, k++;
+    return n < p + 1 - t0 ? n : p + 1 - t0;
+}
+
+/* K (base kc) or V (base vc) row of position t of slot s in layer l */
+static inline float *kv_row(const infer_engine *e, float *base, int s, int l, int t) {
+    int pg = e->ptab[(size_t)s * e->MP + t / INFER_KV_PAGE];
+    return base + ((size_t)l * e->NPG + pg) * e->blk + (size_t)(t % INFER_KV_PAGE) * e->C;
+}
+
+static void take_page(infer_engine *e, int s, int pg) {
+    e->used[pg] = 1;
+    e->nfree--;
+    e->ptab[(size_t)s * e->MP + e->npg[s]++] = pg;
+}
+
+/* Gives slot s pages for positions [0, n): 0, or -1 when the pool is empty
+ * (a scheduler that reserves infer_kv_need per sequence never sees that).
+ * A sequence's pages are kept adjacent where the pool allows (a free run
+ * for a new sequence, else the page after its last one), so that attention
+ * streams through them as one block (see run_len). */
+static int kv_grow(infer_engine *e, int s, int n) {
+    int need = (n + INFER_KV_PAGE - 1) / INFER_KV_PAGE;
+    if (need - e->npg[s] > e->nfree) return -1;
+    if (e->npg[s] == 0 && need > 1) { /* first fit of a run of `need` pages */
+        for (int i = 0, run = 0; i < e->NPG; i++) {
+            run = e->used[i] ? 0 : run + 1;
+            if (run == need) {
+                for (int pg = i - need + 1; pg <= i; pg++)
+                    take_page(e, s, pg);
+                return 0;
+            }
+        }
+    }
+    while (e->npg[s] < need) {
+        int last = e->npg[s] ? e->ptab[(size_t)s * e->MP + e->npg[s] - 1] : -1;
+        int pg = last + 1 < e->NPG && !e->used[last + 1] ? last + 1 : -1;
+        if (pg < 0) { /* start anew in the middle of the largest free gap, so
+                       * that sequences growing side by side each get room */
+            int best = 0, at = 0;
+            for (int i = 0, run = 0; i < e->NPG; i++) {
+                run = e->used[i] ? 0 : run + 1;
+                if (run > best) best = run, at = i - run + 1;
+            }
+            pg = at + best / 2;
+        }
+        take_page(e, s, pg);
+    }
+    return 0;
+}
+
+void infer_release(infer_engine *e, int slot) {
+    if (slot < 0 || slot >= e->S) return;
+    while (e->npg[slot] > 0) {
+        e->used[e->ptab[(size_t)slot * e->MP + --e->npg[slot]]] = 0;
+        e->nfree++;
+    }
+    e->pos[slot] = 0;
 }
 
 const float *infer_logits(const infer_engine *e, int slot) {
@@ -343,6 +440,56 @@ int infer_load_quant(infer_engine *e, const char *file, int *nquant, char *err, 
     return rc < 0 ? -1 : 0;
 }
 
+/* ---- quantized weights made in memory ---- */
+
+/* The linear layers in a fixed order: each layer's four, then the head. */
+static int lin_count(const infer_engine *e) {
+    return 4 * e->L + 1;
+}
+static lin *lin_at(infer_engine *e, int i) {
+    if (i == 4 * e->L) return &e->head;
+    layer *y = &e->ly[i / 4];
+    lin *ls[4] = {&y->qkv, &y->proj, &y->fc, &y->fcp};
+    return ls[i % 4];
+}
+
+int infer_quantize(infer_engine *e, int fmt, char *err, size_t errlen) {
+    if (fmt >= QUANT_NFMT) {
+        snprintf(err, errlen, "infer_quantize: unknown format %d", fmt);
+        return -1;
+    }
+    for (int i = 0; i < lin_count(e); i++) {
+        lin *l = lin_at(e, i);
+        void *buf = NULL;
+        if (fmt >= 0) {
+            size_t n = quant_tensor_bytes((quant_fmt)fmt, (size_t)l->out, (size_t)l->in);
+            int rc = (buf = malloc(n ? n : 1)) ? quant_tensor((quant_fmt)fmt, l->w, (size_t)l->out,
+                                                             (size_t)l->in, buf)
+                                                : -ENOMEM;
+            if (rc) {
+                snprintf(err, errlen, "quantizing a [%d, %d] weight to %s: %s", l->out, l->in,
+                         quant_fmt_name((quant_fmt)fmt), strerror(-rc));
+                free(buf);
+                return -1;
+            }
+        }
+        free(l->q);
+        l->q = buf;
+        l->fmt = buf ? fmt : -1;
+    }
+    return 0;
+}
+
+size_t infer_weight_bytes(const infer_engine *e) {
+    size_t n = 0;
+    for (int i = 0; i < lin_count(e); i++) {
+        const lin *l = lin_at((infer_engine *)e, i);
+        n += l->fmt >= 0 ? quant_tensor_bytes((quant_fmt)l->fmt, (size_t)l->out, (size_t)l->in)
+                         : (size_t)l->out * (size_t)l->in * sizeof(float);
+    }
+    return n;
+}
+
 /* ---- forward pieces ---- */
 
 /* Final LayerNorm and LM head of nrows rows of the residual stream. */
@@ -351,10 +498,19 @@ static void final_logits(infer_engine *e, const float *xrow, int nrows, float *l
     lin_fwd(&e->head, logits, e->ln, nrows, decode);
 }
 
+static int prefill_reserve(infer_engine *e, int slot, const int *prompt, int n, int reserve);
+
 int infer_prefill(infer_engine *e, int slot, const int *prompt, int n) {
+    return prefill_reserve(e, slot, prompt, n, n);
+}
+
+/* infer_prefill with pages for `reserve` (>= n) positions taken at once */
+static int prefill_reserve(infer_engine *e, int slot, const int *prompt, int n, int reserve) {
     if (slot < 0 || slot >= e->S || n < 1 || n > e->Tmax) return -1;
     for (int i = 0; i < n; i++)
         if (prompt[i] < 0 || prompt[i] >= e->V) return -1;
+    infer_release(e, slot);
+    if (kv_grow(e, slot, reserve > e->Tmax ? e->Tmax : reserve < n ? n : reserve)) return -1;
     int C = e->C;
     size_t N = (size_t)n;
     kern_encoder_fwd(e->x, prompt, e->wte, e->wpe, 1, n, C);
@@ -362,11 +518,10 @@ int infer_prefill(infer_engine *e, int slot, const int *prompt, int n) {
         layer *y = &e->ly[l];
         kern_layernorm_fwd(e->ln, e->mean, e->rstd, e->x, y->ln1w, y->ln1b, N, C);
         lin_fwd(&y->qkv, e->qkv, e->ln, n, 0);
-        float *kc = e->kc + ((size_t)slot * e->L + l) * e->Tmax * C;
-        float *vc = e->vc + ((size_t)slot * e->L + l) * e->Tmax * C;
         for (int t = 0; t < n; t++) {
-            memcpy(kc + (size_t)t * C, e->qkv + (size_t)t * 3 * C + C, C * sizeof(float));
-            memcpy(vc + (size_t)t * C, e->qkv + (size_t)t * 3 * C + 2 * C, C * sizeof(float));
+            memcpy(kv_row(e, e->kc, slot, l, t), e->qkv + (size_t)t * 3 * C + C, C * sizeof(float));
+            memcpy(kv_row(e, e->vc, slot, l, t), e->qkv + (size_t)t * 3 * C + 2 * C,
+                   C * sizeof(float));
         }
         kern_attention_fwd(e->atty, e->att, e->qkv, 1, n, C, e->NH);
         lin_fwd(&y->proj, e->tmp, e->atty, n, 0);
@@ -387,7 +542,8 @@ int infer_decode(infer_engine *e, int nb, const int *slots, const int *tok) {
     int C = e->C, NH = e->NH, hs = C / NH, Tm = e->Tmax;
     for (int b = 0; b < nb; b++) {
         int s = slots[b];
-        if (s < 0 || s >= e->S || e->pos[s] < 1 || e->pos[s] >= Tm || tok[b] < 0 || tok[b] >= e->V)
+        if (s < 0 || s >= e->S || e->pos[s] < 1 || e->pos[s] >= Tm || tok[b] < 0 ||
+            tok[b] >= e->V || kv_grow(e, s, e->pos[s] + 1))
             return -1;
         const float *wt = e->wte + (size_t)tok[b] * C, *wp = e->wpe + (size_t)e->pos[s] * C;
         for (int c = 0; c < C; c++)
@@ -404,18 +560,22 @@ int infer_decode(infer_engine *e, int nb, const int *slots, const int *tok) {
         for (int bh = 0; bh < nb * NH; bh++) {
             int b = bh / NH, h = bh % NH, s = slots[b], p = e->pos[s];
             const float *q = e->qkv + (size_t)b * 3 * C + h * hs;
-            float *kc = e->kc + ((size_t)s * e->L + l) * Tm * C + h * hs;
-            float *vc = e->vc + ((size_t)s * e->L + l) * Tm * C + h * hs;
-            memcpy(kc + (size_t)p * C, q + C, hs * sizeof(float));
-            memcpy(vc + (size_t)p * C, q + 2 * C, hs * sizeof(float));
+            memcpy(kv_row(e, e->kc, s, l, p) + h * hs, q + C, hs * sizeof(float));
+            memcpy(kv_row(e, e->vc, s, l, p) + h * hs, q + 2 * C, hs * sizeof(float));
             float *sc = e->att + (size_t)bh * Tm, mx = -INFINITY, sum = 0.f;
-            for (int t = 0; t <= p; t++) {
-                const float *k = kc + (size_t)t * C;
-                float d = 0.f;
-                for (int i = 0; i < hs; i++)
-                    d += q[i] * k[i];
-                sc[t] = d * scale;
-                mx = sc[t] > mx ? sc[t] : mx;
+            /* run by run: positions t0 .. t0 + tn - 1 are consecutive rows */
+            const int *pt = e->ptab + (size_t)s * e->MP;
+            for (int t0 = 0, tn; t0 <= p; t0 += tn) {
+                tn = run_len(pt, t0, p);
+                const float *kp = kv_row(e, e->kc, s, l, t0) + h * hs;
+                for (int tt = 0; tt < tn; tt++) {
+                    const float *k = kp + (size_t)tt * C;
+                    float d = 0.f;
+                    for (int i = 0; i < hs; i++)
+                        d += q[i] * k[i];
+                    sc[t0 + tt] = d * scale;
+                    mx = sc[t0 + tt] > mx ? sc[t0 + tt] : mx;
+                }
             }
             for (int t = 0; t <= p; t++) {
                 sc[t] = expf(sc[t] - mx);
@@ -424,10 +584,14 @@ int infer_decode(infer_engine *e, int nb, const int *slots, const int *tok) {
             float inv = 1.0f / sum, *o = e->atty + (size_t)b * C + h * hs;
             for (int i = 0; i < hs; i++)
                 o[i] = 0.f;
-            for (int t = 0; t <= p; t++) {
-                const float *v = vc + (size_t)t * C, w = sc[t] * inv;
-                for (int i = 0; i < hs; i++)
-                    o[i] += w * v[i];
+            for (int t0 = 0, tn; t0 <= p; t0 += tn) {
+                tn = run_len(pt, t0, p);
+                const float *vp = kv_row(e, e->vc, s, l, t0) + h * hs;
+                for (int tt = 0; tt < tn; tt++) {
+                    const float *v = vp + (size_t)tt * C, w = sc[t0 + tt] * inv;
+                    for (int i = 0; i < hs; i++)
+                        o[i] += w * v[i];
+                }
             }
         }
         lin_fwd(&y->proj, e->tmp, e->atty, nb, 1);
@@ -523,10 +687,29 @@ int infer_sample(const float *logits, int V, const infer_sampling *s, int pos) {
 /* ---- continuous batching ---- */
 
 typedef struct {
-    int req; /* -1: free */
+    const infer_request *q; /* NULL: free */
+    infer_result *r;
+    void *tag;
     int last;
     double t_first;
 } slot_state;
+
+struct infer_batcher {
+    infer_engine *e;
+    int nslots, running;
+    slot_state *sl;
+    int *bs, *bt; /* decode batch: slots, tokens */
+    void **done;  /* finished tags, FIFO [head, n) */
+    int done_head, done_n, done_cap;
+};
+
+size_t infer_kv_need(const gpt_config *c, int n_prompt, int max_new_tokens) {
+    /* the last generated token is never fed back, so it takes no position */
+    long long pos = (long long)n_prompt + (max_new_tokens > 1 ? max_new_tokens - 1 : 0);
+    if (pos > c->block_size) pos = c->block_size;
+    size_t pages = (size_t)(pos + INFER_KV_PAGE - 1) / INFER_KV_PAGE;
+    return 2 * pages * INFER_KV_PAGE * (size_t)c->n_layer * (size_t)c->n_embd * sizeof(float);
+}
 
 void infer_result_free(infer_result *r) {
     if (!r) return;
@@ -563,82 +746,145 @@ static int push_token(infer_engine *e, const infer_request *q, infer_result *r, 
     return 0;
 }
 
-int infer_run(infer_engine *e, const infer_request *req, int n, infer_result *res, int max_batch,
-              double t0) {
+static int push_done(infer_batcher *b, void *tag) {
+    if (b->done_head == b->done_n) b->done_head = b->done_n = 0;
+    if (b->done_n == b->done_cap) {
+        int cap = b->done_cap ? 2 * b->done_cap : 16;
+        void **d = realloc(b->done, (size_t)cap * sizeof *d);
+        if (!d) return -1;
+        b->done = d, b->done_cap = cap;
+    }
+    b->done[b->done_n++] = tag;
+    return 0;
+}
+
+int infer_batcher_create(infer_engine *e, int max_batch, infer_batcher **out) {
+    *out = NULL;
     if (max_batch > e->S) max_batch = e->S;
     if (max_batch < 1) max_batch = 1;
-    slot_state *sl = calloc((size_t)max_batch, sizeof *sl);
-    int *bs = malloc((size_t)max_batch * sizeof(int)),
-        *bt = malloc((size_t)max_batch * sizeof(int));
-    int rc = -1, next = 0, active = 0;
+    infer_batcher *b = calloc(1, sizeof *b);
+    if (!b) return -1;
+    b->e = e;
+    b->nslots = max_batch;
+    b->sl = calloc((size_t)max_batch, sizeof *b->sl);
+    b->bs = malloc((size_t)max_batch * sizeof(int));
+    b->bt = malloc((size_t)max_batch * sizeof(int));
+    if (!b->sl || !b->bs || !b->bt) {
+        infer_batcher_destroy(b);
+        return -1;
+    }
+    *out = b;
+    return 0;
+}
+
+void infer_batcher_destroy(infer_batcher *b) {
+    if (!b) return;
+    free(b->sl), free(b->bs), free(b->bt), free(b->done);
+    free(b);
+}
+
+int infer_batcher_free_slots(const infer_batcher *b) {
+    return b->nslots - b->running;
+}
+int infer_batcher_running(const infer_batcher *b) {
+    return b->running;
+}
+
+int infer_batcher_add(infer_batcher *b, const infer_request *q, infer_result *r, double t0,
+                      void *tag) {
+    infer_engine *e = b->e;
+    memset(r, 0, sizeof *r);
+    int s = 0;
+    while (s < b->nslots && b->sl[s].q)
+        s++;
+    int cap = q->max_new_tokens > 0 ? q->max_new_tokens : 1;
+    if (s == b->nslots || !(r->tokens = malloc((size_t)cap * sizeof(int)))) return -1;
+    double ta = spmd_now();
+    if (q->max_new_tokens < 1) { /* nothing to generate */
+        r->finish = INFER_LENGTH;
+        r->ttft_ms = r->latency_ms = (ta - t0) * 1e3;
+        return push_done(b, tag) ? -1 : 1;
+    }
+    /* all the pages the sequence can use, at once: adjacent in memory */
+    if (prefill_reserve(e, s, q->prompt, q->n_prompt, q->n_prompt + q->max_new_tokens - 1)) {
+        infer_result_free(r);
+        return -1;
+    }
+    int t = infer_sample(infer_logits(e, s), e->V, &q->sampling, q->n_prompt);
+    double tb = spmd_now();
+    r->prompt_ms = (tb - ta) * 1e3;
+    r->ttft_ms = (tb - t0) * 1e3;
+    if (push_token(e, q, r, t)) {
+        r->latency_ms = r->ttft_ms;
+        infer_release(e, s);
+        return push_done(b, tag) ? -1 : 1; /* the slot stays free */
+    }
+    b->sl[s] = (slot_state){q, r, tag, t, tb};
+    b->running++;
+    return 0;
+}
+
+int infer_batcher_step(infer_batcher *b) {
+    infer_engine *e = b->e;
+    if (b->running == 0) return 0;
+    /* one decode step over the running slots, in slot order */
+    int nb = 0;
+    for (int s = 0; s < b->nslots; s++)
+        if (b->sl[s].q) {
+            b->bs[nb] = s;
+            b->bt[nb++] = b->sl[s].last;
+        }
+    if (infer_decode(e, nb, b->bs, b->bt)) return -1;
+    double now = spmd_now();
+    for (int j = 0; j < nb; j++) {
+        slot_state *z = &b->sl[b->bs[j]];
+        const infer_request *q = z->q;
+        infer_result *r = z->r;
+        int t =
+            infer_sample(infer_logits(e, b->bs[j]), e->V, &q->sampling, q->n_prompt + r->generated);
+        z->last = t;
+        if (push_token(e, q, r, t)) {
+            r->decode_ms = (now - z->t_first) * 1e3;
+            /* latency from t0: the prefill stored ttft = t_first - t0 */
+            r->latency_ms = r->ttft_ms + (now - z->t_first) * 1e3;
+            if (push_done(b, z->tag)) return -1;
+            infer_release(e, b->bs[j]);
+            z->q = NULL;
+            b->running--;
+        }
+    }
+    return 0;
+}
+
+int infer_batcher_pop(infer_batcher *b, void **tag) {
+    if (b->done_head == b->done_n) return 0;
+    *tag = b->done[b->done_head++];
+    return 1;
+}
+
+int infer_run(infer_engine *e, const infer_request *req, int n, infer_result *res, int max_batch,
+              double t0) {
+    infer_batcher *b = NULL;
+    int rc = -1, next = 0;
+    void *tag;
     e->steps = e->rows = 0;
     memset(res, 0, (size_t)n * sizeof *res);
-    if (!sl || !bs || !bt) goto done;
-    for (int i = 0; i < max_batch; i++)
-        sl[i].req = -1;
-    for (int i = 0; i < n; i++) {
-        int cap = req[i].max_new_tokens > 0 ? req[i].max_new_tokens : 1;
-        if (!(res[i].tokens = malloc((size_t)cap * sizeof(int)))) goto done;
-    }
-    while (next < n || active > 0) {
+    if (infer_batcher_create(e, max_batch, &b)) goto done;
+    while (next < n || b->running > 0) {
         /* join: waiting requests take the free slots (prefill + first token) */
-        for (int s = 0; s < max_batch && next < n; s++) {
-            if (sl[s].req >= 0) continue;
-            int i = next++;
-            const infer_request *q = &req[i];
-            infer_result *r = &res[i];
-            double ta = spmd_now();
-            if (q->max_new_tokens < 1) { /* nothing to generate */
-                r->finish = INFER_LENGTH;
-                r->ttft_ms = r->latency_ms = (ta - t0) * 1e3;
-                s--;
-                continue;
-            }
-            if (infer_prefill(e, s, q->prompt, q->n_prompt)) goto done;
-            int t = infer_sample(infer_logits(e, s), e->V, &q->sampling, q->n_prompt);
-            double tb = spmd_now();
-            r->prompt_ms = (tb - ta) * 1e3;
-            r->ttft_ms = (tb - t0) * 1e3;
-            sl[s].t_first = tb;
-            if (push_token(e, q, r, t)) {
-                r->latency_ms = r->ttft_ms;
-                s--; /* the slot stays free for the next request */
-                continue;
-            }
-            sl[s].req = i;
-            sl[s].last = t;
-            active++;
+        while (next < n && b->running < b->nslots) {
+            if (infer_batcher_add(b, &req[next], &res[next], t0, NULL) < 0) goto done;
+            next++;
         }
-        if (active == 0) continue;
-        /* one decode step over the active slots, in slot order */
-        int nb = 0;
-        for (int s = 0; s < max_batch; s++)
-            if (sl[s].req >= 0) {
-                bs[nb] = s;
-                bt[nb++] = sl[s].last;
-            }
-        if (infer_decode(e, nb, bs, bt)) goto done;
-        double now = spmd_now();
-        for (int j = 0; j < nb; j++) {
-            int s = bs[j], i = sl[s].req;
-            const infer_request *q = &req[i];
-            infer_result *r = &res[i];
-            int t =
-                infer_sample(infer_logits(e, s), e->V, &q->sampling, q->n_prompt + r->generated);
-            sl[s].last = t;
-            if (push_token(e, q, r, t)) {
-                r->decode_ms = (now - sl[s].t_first) * 1e3;
-                r->latency_ms = (now - t0) * 1e3;
-                sl[s].req = -1;
-                active--;
-            }
-        }
+        if (infer_batcher_step(b)) goto done;
+        while (infer_batcher_pop(b, &tag))
+            ;
     }
     rc = 0;
 done:
     if (rc)
         for (int i = 0; i < n; i++)
             infer_result_free(&res[i]);
-    free(sl), free(bs), free(bt);
+    infer_batcher_destroy(b);
     return rc;
 }

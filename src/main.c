@@ -35,6 +35,7 @@ static void usage(FILE *f) {
             "  ckpt ls|latest|verify|inspect PATH       checkpoint tools\n"
             "  quantize --ckpt CKPT --out OUT --format F  8/4-bit quantized checkpoint\n"
             "  serve --ckpt CKPT --prompts IN.jsonl --out OUT.jsonl  generate text (batch mode)\n"
+            "  serve --ckpt CKPT --http 127.0.0.1:PORT [--watch]    HTTP server (POST /completion)\n"
             "  bench gemm|train|ckpt [options]          benchmarks (CSV with --csv)\n\n"
             "Every command has --help. Environment: OMP_NUM_THREADS (threads per rank),\n"
             "MPILM_BLAS_FIX=auto|off|force (replace a misdetected OpenBLAS kernel).\n",
@@ -91,6 +92,8 @@ int main(int argc, char **argv) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGUSR1, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    /* the HTTP server stops cleanly on Ctrl-C too */
+    if (!strcmp(cmd, "serve")) sigaction(SIGINT, &sa, NULL);
     /* Each role gets its own communicator, so MPMD launches (train : serve)
      * keep their collectives apart. */
     int appnum = 0, flag = 0, *attr = NULL;
@@ -103,7 +106,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(cmd, "eval")) rc = eval_main(argc - 1, argv + 1, comm);
     else if (!strcmp(cmd, "ckpt")) rc = ckpt_cmd_main(argc - 1, argv + 1, comm);
     else if (!strcmp(cmd, "quantize")) rc = quantize_main(argc - 1, argv + 1, comm);
-    else if (!strcmp(cmd, "serve")) rc = serve_main(argc - 1, argv + 1, comm);
+    else if (!strcmp(cmd, "serve")) rc = serve_main(argc - 1, argv + 1, comm, &stop_flag);
     else rc = bench_main(argc - 1, argv + 1, comm);
 
     /* Subcommands agree on errors (spmd_agree), so every rank gets here; the

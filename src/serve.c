@@ -1,12 +1,12 @@
-/* serve: `mpilm serve --prompts IN.jsonl --out OUT.jsonl` (see serve.h).
+/* serve: `mpilm serve` (see serve.h).
  *
- * Rank 0 reads IN.jsonl and broadcasts it; every rank parses the same lines
- * the same way, so they agree on the valid requests without more messages;
- * valid request k runs on rank k % P (round-robin hand-out), each rank runs
- * its own continuous-batching loop on a full model replica, and rank 0
- * gathers the result lines and writes them in input order. A request's text
- * depends only on the request and its seed, not on the rank count or on the
- * other requests in the batch (src/infer.h).
+ * Rank 0 owns the requests: in batch mode it reads IN.jsonl, in HTTP mode
+ * the connection threads of src/serve_http.c parse the bodies; either way
+ * each request becomes a serve_job for the scheduler (src/serve_sched.h),
+ * which runs it on some replica and hands the result back to rank 0. Batch
+ * results are written in input order once all are done. A request's text
+ * depends only on the request, its seed and the weights, not on the rank
+ * count or on the other requests in the batch (src/infer.h).
  */
 #include "src/serve.h"
 
@@ -15,6 +15,8 @@
 #include "kernels/kern.h"
 #include "src/gptio.h"
 #include "src/infer.h"
+#include "src/serve_http.h"
+#include "src/serve_sched.h"
 #include "src/spmd.h"
 
 #include <errno.h>
@@ -24,6 +26,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define PROG "mpilm serve"
 #define MAX_NEW_LIMIT 65536
@@ -247,7 +251,7 @@ static const char *type_name(int t) {
 
 /* JSON-escaped copy of bytes s[0..n) into a malloc'ed "..." string: valid
  * UTF-8 passes through, other bytes become U+FFFD. */
-static char *json_quote(const char *s, size_t n) {
+char *serve_json_quote(const char *s, size_t n) {
     char *o = malloc(n * 6 + 3), *q = o;
     if (!o) return NULL;
     *q++ = '"';
@@ -381,7 +385,7 @@ int serve_parse_line(const char *s, size_t n, serve_line *L, char *err, size_t e
         switch (f) {
         case 0: /* id: string or number */
             if (t == JV_STR)
-                L->id = json_quote(sval, slen);
+                L->id = serve_json_quote(sval, slen);
             else if (t == JV_NUM)
                 L->id = strndup(raw, rawlen);
             else {
@@ -483,7 +487,7 @@ skip_rest:
                 const char *r;
                 size_t rl;
                 if (d.p < e && *d.p == '"' && !jstring(&d, &v, &vl, e3, sizeof e3)) {
-                    L->id = json_quote(v, vl);
+                    L->id = serve_json_quote(v, vl);
                     free(v);
                 } else if (!jnumber(&d, &nv, &r, &rl))
                     L->id = strndup(r, rl);
@@ -509,31 +513,156 @@ done:
 static void usage(FILE *f) {
     fprintf(
         f,
-        "usage: mpilm serve --ckpt CKPT --prompts IN.jsonl --out OUT.jsonl\n"
+        "usage: mpilm serve --ckpt CKPT (--prompts IN.jsonl --out OUT.jsonl | --http HOST:PORT)\n"
         "                   [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]\n"
-        "                   [--seed S] [--stop STR] [--max-batch B] [--quiet]\n\n"
-        "Generates text for every request of IN.jsonl, one JSON object a line:\n"
+        "                   [--seed S] [--stop STR] [--max-batch B] [--kv-budget-mb M]\n"
+        "                   [--max-new-tokens-limit N] [--max-request-bytes N]\n"
+        "                   [--watch] [--watch-interval S] [--quiet]\n\n"
+        "A request is one JSON object:\n"
         "  {\"id\": ..., \"prompt\": \"...\", \"max_new_tokens\": N, \"temperature\": T,\n"
         "   \"top_k\": K, \"top_p\": P, \"seed\": S, \"stop\": \"...\"}  (only prompt required;\n"
         "the options give the defaults: 64 tokens, greedy (T 0), top-k off (0), top-p off\n"
-        "(1), seed 0). OUT.jsonl gets one line per request, in input order:\n"
-        "  {\"id\", \"text\", \"tokens\", \"finish_reason\", \"timings\": {\"prompt_ms\",\n"
-        "   \"decode_ms\", \"ttft_ms\", \"tokens_per_s\"}}\n"
-        "or {\"id\", \"error\"} for a bad line (the others still run). Text is bytes (byte\n"
-        "tokenizer); bytes that are not valid UTF-8 are written as U+FFFD.\n"
+        "(1), seed 0). A result is\n"
+        "  {\"id\", \"text\", \"tokens\", \"finish_reason\", \"model_step\", \"timings\":\n"
+        "   {\"prompt_ms\", \"decode_ms\", \"ttft_ms\", \"tokens_per_s\"}}\n"
+        "or {\"id\", \"error\"} for a bad request. Text is bytes (byte tokenizer); bytes\n"
+        "that are not valid UTF-8 are written as U+FFFD.\n\n"
+        "Batch mode: --prompts IN.jsonl (one request a line) --out OUT.jsonl (one result a\n"
+        "line, in input order; a bad line gets an error line, the others still run); a\n"
+        "summary with latency and time-to-first-token percentiles on stdout.\n"
+        "HTTP mode: --http HOST:PORT (127.0.0.1 unless another host is given; port 0:\n"
+        "a free port, printed as \"serve: listening on http://HOST:PORT\").\n"
+        "  POST /completion  a request in, a result out; 400 with {\"error\": reason}\n"
+        "                    (malformed JSON, bad field, max_new_tokens over the limit),\n"
+        "                    413 for a body over --max-request-bytes (default 1 MiB)\n"
+        "  GET /health       {\"status\": \"ok\", \"model\", \"step\", \"ranks\", ...}\n"
+        "  GET /metrics      Prometheus text format (requests, tokens, latency histogram,\n"
+        "                    running sequences, KV cache reserved and budget, reloads)\n"
+        "  SIGTERM/SIGINT (to rank 0's process): stop accepting, answer what was accepted,\n"
+        "  exit 0.\n\n"
+        "Ranks: alone, rank 0 runs the model; with P > 1 ranks, rank 0 schedules and ranks\n"
+        "1..P-1 each hold a replica. Each replica runs up to B (--max-batch, default 8)\n"
+        "sequences at once (continuous batching) within a KV-cache budget of M MiB\n"
+        "(--kv-budget-mb; default: B full-context sequences); a request reserves the cache\n"
+        "its prompt + max_new_tokens need when it starts, waits in rank 0's queue while no\n"
+        "replica has room, and gets an error if it can never fit. The texts depend only on\n"
+        "the request, its seed and the weights: not on the rank count, batch or order.\n"
+        "--max-new-tokens-limit N: largest max_new_tokens accepted (default 1024).\n"
+        "--watch: CKPT is a checkpoint root; every S seconds (--watch-interval, default 2)\n"
+        "rank 0 looks at its `latest` and, when it names a new step, the replicas load it\n"
+        "one at a time between batches (a failed load keeps the old weights).\n"
         "CKPT: a step directory or a checkpoint root (its `latest`), fp32 or quantized\n"
         "(`mpilm quantize`; linear layers then run on the quantized blocks).\n"
-        "Each rank holds a model replica and runs up to B (default 8) sequences at once\n"
-        "(continuous batching); rank 0 hands requests out round-robin. The texts do not\n"
-        "depend on the rank count or on the batch.\n");
+        "Exit status: 0; 1 when the checkpoint, the files or the address are unusable;\n"
+        "2 for a usage error.\n");
 }
 
+/* Defaults and limits for requests; read-only once serving starts (the HTTP
+ * threads read it). */
 typedef struct {
-    int line;  /* 1-based input line */
-    int valid; /* request index among valid ones, or -1 */
+    long long def_new, def_k, def_seed, new_limit;
+    double def_t, def_p;
+    const char *stop;
+    gpt_config cfg;
+} req_defaults;
+
+/* One request (a batch line or an HTTP body) */
+typedef struct {
     serve_line sl;
-    char err[300];
-} in_line;
+    int *toks;
+    serve_job job;
+    int line;      /* batch: 1-based input line */
+    int valid;     /* parsed and checked */
+    char err[300]; /* why not */
+    char *out;     /* the result object (no newline) */
+    void *http;    /* reply handle */
+} sreq;
+
+static void sreq_clear(sreq *r) {
+    serve_line_free(&r->sl);
+    serve_job_clear(&r->job);
+    free(r->toks), free(r->out);
+    r->toks = NULL, r->out = NULL;
+}
+
+/* Parses and checks one request; 0, or -1 with the reason in err. */
+static int build_request(const req_defaults *d, const char *s, size_t n, sreq *r, char *err,
+                         size_t errlen) {
+    if (serve_parse_line(s, n, &r->sl, err, errlen)) return -1;
+    const serve_line *L = &r->sl;
+    if (L->prompt_len == 0) {
+        snprintf(err, errlen, "prompt is empty");
+        return -1;
+    }
+    if (L->prompt_len > (size_t)d->cfg.block_size) {
+        snprintf(err, errlen, "prompt of %zu tokens is longer than the context of %d",
+                 L->prompt_len, d->cfg.block_size);
+        return -1;
+    }
+    if (L->max_new_tokens > d->new_limit) {
+        snprintf(err, errlen, "max_new_tokens %lld is over the limit of %lld", L->max_new_tokens,
+                 d->new_limit);
+        return -1;
+    }
+    if (!(r->toks = malloc(L->prompt_len * sizeof(int)))) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    for (size_t j = 0; j < L->prompt_len; j++) {
+        r->toks[j] = (unsigned char)L->prompt[j];
+        if (r->toks[j] >= d->cfg.vocab_size) {
+            snprintf(err, errlen, "prompt has bytes outside the vocabulary of %d",
+                     d->cfg.vocab_size);
+            return -1;
+        }
+    }
+    r->job = (serve_job){
+        .prompt = r->toks,
+        .n_prompt = (int)L->prompt_len,
+        .max_new_tokens = (int)(L->max_new_tokens >= 0 ? L->max_new_tokens : d->def_new),
+        .sampling = {.temperature = (float)(L->temperature >= 0 ? L->temperature : d->def_t),
+                     .top_k = (int)(L->top_k >= 0 ? L->top_k : d->def_k),
+                     .top_p = (float)(L->top_p >= 0 ? L->top_p : d->def_p),
+                     .seed = (uint64_t)(L->seed >= 0 ? L->seed : d->def_seed)},
+        .stop = L->stop ? L->stop : d->stop,
+        .user = r};
+    r->valid = 1;
+    return 0;
+}
+
+/* {"id": ..., "error": ...} for an id (JSON text) and a reason; malloc'ed */
+static char *error_object(const char *id, const char *why) {
+    char *q = serve_json_quote(why, strlen(why));
+    size_t n = (q ? strlen(q) : 0) + strlen(id) + 32;
+    char *o = q ? malloc(n) : NULL;
+    if (o) snprintf(o, n, "{\"id\": %s, \"error\": %s}", id, q);
+    free(q);
+    return o;
+}
+
+/* The result object of a finished request (no newline); malloc'ed */
+static char *result_object(const sreq *r) {
+    const serve_job *j = &r->job;
+    if (j->failed) return error_object(r->sl.id, j->err);
+    char *bytes = malloc((size_t)j->n_tokens + 1), *q = NULL, *o = NULL;
+    if (!bytes) return NULL;
+    for (int t = 0; t < j->n_tokens; t++)
+        bytes[t] = (char)j->tokens[t];
+    q = serve_json_quote(bytes, (size_t)j->n_tokens);
+    free(bytes);
+    size_t n = (q ? strlen(q) : 0) + strlen(r->sl.id) + 400;
+    if (q && (o = malloc(n))) {
+        double tps = j->decode_ms > 0 ? (j->generated - 1) / (j->decode_ms / 1e3) : 0;
+        snprintf(o, n,
+                 "{\"id\": %s, \"text\": %s, \"tokens\": %d, \"finish_reason\": \"%s\", "
+                 "\"model_step\": %lld, \"timings\": {\"prompt_ms\": %.3f, \"decode_ms\": %.3f, "
+                 "\"ttft_ms\": %.3f, \"tokens_per_s\": %.2f}}",
+                 r->sl.id, q, j->generated, infer_finish_name(j->finish), j->model_step,
+                 j->prompt_ms, j->decode_ms, j->ttft_ms, tps);
+    }
+    free(q);
+    return o;
+}
 
 static double pct(double *v, int n, double p) {
     if (n == 0) return 0;
@@ -545,44 +674,264 @@ static int dcmp(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* Appends to a growing byte buffer. */
+/* What rank 0 counts for the summary line */
 typedef struct {
-    char *b;
-    size_t n, cap;
-} sbuf;
-static int sb_put(sbuf *s, const void *p, size_t n) {
-    if (s->n + n + 1 > s->cap) {
-        size_t c = (s->cap ? s->cap * 2 : 4096);
-        while (c < s->n + n + 1)
-            c *= 2;
-        char *nb = realloc(s->b, c);
-        if (!nb) return -1;
-        s->b = nb, s->cap = c;
+    double *lat, *ttft;
+    int n, cap, errors;
+    long long gen;
+    serve_stats st;
+} tally;
+
+static int tally_add(tally *t, const serve_job *j) {
+    if (j->failed) {
+        t->errors++;
+        return 0;
     }
-    memcpy(s->b + s->n, p, n);
-    s->n += n;
-    s->b[s->n] = 0;
+    if (t->n == t->cap) {
+        int cap = t->cap ? 2 * t->cap : 256;
+        double *a = realloc(t->lat, (size_t)cap * sizeof *a);
+        if (!a) return -1;
+        t->lat = a;
+        double *b = realloc(t->ttft, (size_t)cap * sizeof *b);
+        if (!b) return -1;
+        t->ttft = b, t->cap = cap;
+    }
+    t->lat[t->n] = j->latency_ms, t->ttft[t->n++] = j->ttft_ms;
+    t->gen += j->generated;
     return 0;
 }
 
-/* record shipped to rank 0 per request */
-typedef struct {
-    int line, generated;
-    double latency_ms, ttft_ms;
-    int len; /* bytes of JSON that follow */
-} rec_hdr;
+static void tally_print(tally *t, int requests, double wall) {
+    qsort(t->lat, (size_t)t->n, sizeof(double), dcmp);
+    qsort(t->ttft, (size_t)t->n, sizeof(double), dcmp);
+    printf("serve: %d requests (%d ok, %d errors) | %lld tokens generated in %.3f s | "
+           "%.1f tok/s | mean decode batch %.2f\n",
+           requests, t->n, requests - t->n, t->gen, wall, wall > 0 ? t->gen / wall : 0,
+           t->st.decode_steps ? (double)t->st.decode_rows / t->st.decode_steps : 0);
+    printf("latency ms: p50 %.1f | p90 %.1f | p99 %.1f ; time to first token ms: p50 %.1f "
+           "| p90 %.1f | p99 %.1f\n",
+           pct(t->lat, t->n, 50), pct(t->lat, t->n, 90), pct(t->lat, t->n, 99),
+           pct(t->ttft, t->n, 50), pct(t->ttft, t->n, 90), pct(t->ttft, t->n, 99));
+    fflush(stdout);
+}
 
-int serve_main(int argc, char **argv, MPI_Comm comm) {
+/* ---- batch mode (rank 0 side) ---- */
+
+typedef struct {
+    sreq *r;
+    int n, submitted, oom, cancelled;
+    double t0;
+    volatile sig_atomic_t *stop;
+    tally t;
+} batch_ctx;
+
+static int batch_poll(void *ctx, serve_sched *s) {
+    batch_ctx *b = ctx;
+    if (b->submitted && *b->stop && !b->cancelled) {
+        /* interrupted: the running requests finish, the waiting ones fail */
+        b->cancelled = 1;
+        int n = serve_sched_cancel_queued(s, "not run: the server got a signal");
+        fprintf(stderr,
+                "serve: signal %d: %d waiting request(s) cancelled, finishing the running "
+                "ones\n",
+                (int)*b->stop, n);
+    }
+    if (b->submitted) return 1;
+    b->submitted = 1;
+    b->t0 = spmd_now();
+    for (int i = 0; i < b->n; i++) {
+        sreq *r = &b->r[i];
+        if (!r->valid) continue;
+        r->job.t_arrival = b->t0;
+        r->job.user = r; /* set here: b->r moved while the file was read */
+        if (serve_sched_submit(s, &r->job)) {
+            snprintf(r->err, sizeof r->err, "line %d: %s", r->line, r->job.err);
+            r->valid = 0;
+        }
+    }
+    return 1;
+}
+
+static void batch_done(void *ctx, serve_sched *s, serve_job *j) {
+    batch_ctx *b = ctx;
+    sreq *r = j->user;
+    if (j->failed) {
+        char e[256];
+        snprintf(e, sizeof e, "%s", j->err);
+        snprintf(j->err, sizeof j->err, "line %d: %s", r->line, e);
+    }
+    r->out = result_object(r);
+    serve_sched_stats(s, &b->t.st);
+    if (!r->out || tally_add(&b->t, j)) b->oom = 1;
+    serve_job_clear(j);
+}
+
+/* Reads IN (rank 0) into requests; 0 or -1 with err. */
+static int batch_read(const char *in, const req_defaults *d, batch_ctx *b, char *err,
+                      size_t errlen) {
+    FILE *fi = fopen(in, "rb");
+    char *text = NULL;
+    long len = -1;
+    int rc = -1, cap = 0;
+    if (!fi) {
+        snprintf(err, errlen, "%s: %s", in, strerror(errno));
+        return -1;
+    }
+    if (fseek(fi, 0, SEEK_END) == 0) len = ftell(fi);
+    if (len < 0 || len > MAX_INPUT_BYTES || fseek(fi, 0, SEEK_SET) != 0) {
+        snprintf(err, errlen, "%s: unreadable or larger than 1 GiB", in);
+        goto done;
+    }
+    if (!(text = malloc((size_t)len + 1)) || fread(text, 1, (size_t)len, fi) != (size_t)len) {
+        snprintf(err, errlen, "%s: read failed", in);
+        goto done;
+    }
+    text[len] = 0;
+    for (long a = 0, ln = 1; a < len; ln++) {
+        char *nl = memchr(text + a, '\n', (size_t)(len - a));
+        long e = nl ? nl - text : len;
+        size_t n = (size_t)(e - a);
+        const char *s = text + a;
+        a = e + 1;
+        size_t k = 0;
+        while (k < n && (s[k] == ' ' || s[k] == '\t' || s[k] == '\r'))
+            k++;
+        if (k == n) continue; /* blank line: not a request */
+        if (b->n == cap) {
+            cap = cap ? 2 * cap : 64;
+            sreq *nr = realloc(b->r, (size_t)cap * sizeof *nr);
+            if (!nr) {
+                snprintf(err, errlen, "out of memory for the requests");
+                goto done;
+            }
+            b->r = nr;
+        }
+        sreq *r = &b->r[b->n++];
+        memset(r, 0, sizeof *r);
+        r->line = (int)ln;
+        char e2[256];
+        if (build_request(d, s, n, r, e2, sizeof e2))
+            snprintf(r->err, sizeof r->err, "line %d: %s", r->line, e2);
+    }
+    rc = 0;
+done:
+    free(text);
+    fclose(fi);
+    return rc;
+}
+
+/* Writes the results in input order; 0 or -1. */
+static int batch_write(FILE *fo, const batch_ctx *b) {
+    for (int i = 0; i < b->n; i++) {
+        const sreq *r = &b->r[i];
+        char *o = r->valid ? NULL : error_object(r->sl.id, r->err);
+        const char *line = r->valid ? r->out : o;
+        int bad = !line || fprintf(fo, "%s\n", line) < 0;
+        free(o);
+        if (bad) return -1;
+    }
+    return 0;
+}
+
+/* ---- HTTP mode (rank 0 side) ---- */
+
+typedef struct {
+    serve_http *h;
+    const req_defaults *d;
+    volatile sig_atomic_t *stop;
+    int closing, quiet;
+    long long answered;
+    tally t;
+    double t0;
+} http_ctx;
+
+static void sreq_free(void *ctx, void *req) {
+    (void)ctx;
+    sreq *r = req;
+    if (r) sreq_clear(r);
+    free(r);
+}
+
+/* Connection thread: body -> request; thread-safe (d is read-only). */
+static int http_parse(void *ctx, const char *body, size_t n, void **req, char **reply) {
+    http_ctx *c = ctx;
+    double t = spmd_now();
+    sreq *r = calloc(1, sizeof *r);
+    char e[300];
+    *req = NULL, *reply = NULL;
+    if (!r) return 500;
+    if (build_request(c->d, body, n, r, e, sizeof e)) {
+        char *o = error_object(r->sl.id ? r->sl.id : "null", e);
+        size_t on = o ? strlen(o) : 0;
+        if (o && (*reply = malloc(on + 2))) snprintf(*reply, on + 2, "%s\n", o);
+        free(o);
+        sreq_free(NULL, r);
+        return 400;
+    }
+    r->job.t_arrival = t;
+    *req = r;
+    return 0;
+}
+
+static void http_answer(http_ctx *c, sreq *r, int status) {
+    char *o =
+        r->job.failed || status != 200 ? error_object(r->sl.id, r->job.err) : result_object(r);
+    size_t n = o ? strlen(o) : 0;
+    char *line = o ? malloc(n + 2) : NULL;
+    if (line) snprintf(line, n + 2, "%s\n", o);
+    int ok = status == 200 && !r->job.failed && line;
+    serve_http_reply(c->h, r->http, line ? status : 500,
+                     line ? line : "{\"error\": \"out of memory\"}\n", ok, r->job.generated,
+                     r->job.latency_ms / 1e3);
+    c->answered++;
+    free(o), free(line);
+    sreq_free(NULL, r);
+}
+
+static int http_poll(void *ctx, serve_sched *s) {
+    http_ctx *c = ctx;
+    serve_stats st;
+    serve_sched_stats(s, &st);
+    serve_http_publish(c->h, &st);
+    if (*c->stop && !c->closing) {
+        c->closing = 1;
+        serve_http_quiesce(c->h);
+        if (!c->quiet)
+            fprintf(stderr,
+                    "serve: signal %d: no new connections; answering the %lld queued and %lld "
+                    "running requests\n",
+                    (int)*c->stop, st.queued, st.running);
+    }
+    void *hd;
+    sreq *r;
+    while ((r = serve_http_take(c->h, &hd))) {
+        r->http = hd;
+        if (serve_sched_submit(s, &r->job)) http_answer(c, r, 400);
+    }
+    return c->closing && serve_http_try_close(c->h);
+}
+
+static void http_done(void *ctx, serve_sched *s, serve_job *j) {
+    http_ctx *c = ctx;
+    serve_sched_stats(s, &c->t.st);
+    tally_add(&c->t, j);
+    http_answer(c, j->user, j->failed ? 500 : 200);
+}
+
+int serve_main(int argc, char **argv, MPI_Comm comm, volatile sig_atomic_t *stop_flag) {
     int rank, P, o;
     MPI_Comm_rank(comm, &rank);
     MPI_Comm_size(comm, &P);
-    const char *ckpt = NULL, *in = NULL, *outp = NULL, *stop = NULL;
-    long long def_new = 64, def_k = 0, def_seed = 0;
-    double def_t = 0, def_p = 1;
-    int maxb = 8, quiet = 0;
+    const char *ckpt = NULL, *in = NULL, *outp = NULL, *http = NULL;
+    req_defaults d = {.def_new = 64, .new_limit = 1024, .def_p = 1};
+    long long max_req_bytes = 1 << 20;
+    double kv_mb = 0, watch_s = 2;
+    int maxb = 8, quiet = 0, watch = 0;
+    enum { O_HTTP = 256, O_KV, O_MAXREQ, O_NEWLIM, O_WATCH, O_WATCHS };
     static const struct option opts[] = {{"ckpt", required_argument, 0, 'c'},
                                          {"prompts", required_argument, 0, 'i'},
                                          {"out", required_argument, 0, 'o'},
+                                         {"http", required_argument, 0, O_HTTP},
                                          {"max-new-tokens", required_argument, 0, 'n'},
                                          {"temperature", required_argument, 0, 't'},
                                          {"top-k", required_argument, 0, 'k'},
@@ -590,6 +939,11 @@ int serve_main(int argc, char **argv, MPI_Comm comm) {
                                          {"seed", required_argument, 0, 's'},
                                          {"stop", required_argument, 0, 'S'},
                                          {"max-batch", required_argument, 0, 'b'},
+                                         {"kv-budget-mb", required_argument, 0, O_KV},
+                                         {"max-request-bytes", required_argument, 0, O_MAXREQ},
+                                         {"max-new-tokens-limit", required_argument, 0, O_NEWLIM},
+                                         {"watch", no_argument, 0, O_WATCH},
+                                         {"watch-interval", required_argument, 0, O_WATCHS},
                                          {"quiet", no_argument, 0, 'q'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
@@ -608,33 +962,55 @@ int serve_main(int argc, char **argv, MPI_Comm comm) {
         case 'o':
             outp = optarg;
             break;
+        case O_HTTP:
+            http = optarg;
+            break;
         case 'n':
-            def_new = strtoll(optarg, &end, 10);
-            bad |= *end || def_new < 1 || def_new > MAX_NEW_LIMIT;
+            d.def_new = strtoll(optarg, &end, 10);
+            bad |= *end || d.def_new < 1 || d.def_new > MAX_NEW_LIMIT;
             break;
         case 't':
-            def_t = strtod(optarg, &end);
-            bad |= *end || !(def_t >= 0 && def_t <= 100);
+            d.def_t = strtod(optarg, &end);
+            bad |= *end || !(d.def_t >= 0 && d.def_t <= 100);
             break;
         case 'k':
-            def_k = strtoll(optarg, &end, 10);
-            bad |= *end || def_k < 0 || def_k > INT_MAX;
+            d.def_k = strtoll(optarg, &end, 10);
+            bad |= *end || d.def_k < 0 || d.def_k > INT_MAX;
             break;
         case 'p':
-            def_p = strtod(optarg, &end);
-            bad |= *end || !(def_p > 0 && def_p <= 1);
+            d.def_p = strtod(optarg, &end);
+            bad |= *end || !(d.def_p > 0 && d.def_p <= 1);
             break;
         case 's':
-            def_seed = strtoll(optarg, &end, 10);
-            bad |= *end || def_seed < 0 || errno;
+            d.def_seed = strtoll(optarg, &end, 10);
+            bad |= *end || d.def_seed < 0 || errno;
             break;
         case 'S':
-            stop = optarg;
+            d.stop = optarg;
             bad |= !*optarg;
             break;
         case 'b':
             maxb = (int)strtol(optarg, &end, 10);
             bad |= *end || maxb < 1 || maxb > 4096;
+            break;
+        case O_KV:
+            kv_mb = strtod(optarg, &end);
+            bad |= *end || !(kv_mb > 0 && kv_mb < 1e9);
+            break;
+        case O_MAXREQ:
+            max_req_bytes = strtoll(optarg, &end, 10);
+            bad |= *end || max_req_bytes < 2 || max_req_bytes > MAX_INPUT_BYTES;
+            break;
+        case O_NEWLIM:
+            d.new_limit = strtoll(optarg, &end, 10);
+            bad |= *end || d.new_limit < 1 || d.new_limit > MAX_NEW_LIMIT;
+            break;
+        case O_WATCH:
+            watch = 1;
+            break;
+        case O_WATCHS:
+            watch_s = strtod(optarg, &end);
+            bad |= *end || !(watch_s >= 0.05 && watch_s <= 86400);
             break;
         case 'q':
             quiet = 1;
@@ -646,9 +1022,18 @@ int serve_main(int argc, char **argv, MPI_Comm comm) {
             bad = 1;
         }
     }
-    if (bad || optind != argc || !ckpt || !in || !outp) {
+    int batch = in || outp;
+    const char *why = bad                       ? "an option value is out of range"
+                      : !ckpt                   ? "--ckpt is required"
+                      : batch && http           ? "--prompts/--out and --http exclude each other"
+                      : batch && !(in && outp)  ? "--prompts and --out go together"
+                      : !batch && !http         ? "give --prompts IN --out OUT or --http HOST:PORT"
+                      : d.def_new > d.new_limit ? "--max-new-tokens is over --max-new-tokens-limit"
+                      : optind != argc          ? "unexpected argument"
+                                                : NULL;
+    if (why) {
         if (rank == 0) {
-            if (bad) fprintf(stderr, PROG ": an option value is out of range\n");
+            fprintf(stderr, PROG ": %s\n", why);
             usage(stderr);
         }
         return 2;
@@ -657,290 +1042,111 @@ int serve_main(int argc, char **argv, MPI_Comm comm) {
     char err[1024] = "", file[4200];
     gpt *g = NULL;
     ckpt_meta meta = {0};
-    infer_engine *e = NULL;
-    char *text = NULL;
-    in_line *lines = NULL;
-    int nlines = 0, rc = 1, nm = 0;
-    infer_request *rq = NULL;
-    infer_result *rs = NULL;
-    int *toks = NULL, *ridx = NULL;
-    sbuf mine = {0};
-    char *all = NULL;
-    int *counts = NULL, *displs = NULL;
+    batch_ctx bc = {.stop = stop_flag};
+    http_ctx hc = {.d = &d, .stop = stop_flag, .quiet = quiet};
     FILE *fo = NULL;
+    int rc = 1;
 
-    /* 1. model (fp32 floats for everything; quantized blocks for the linears) */
+    /* 1. model, on every rank (the scheduler drops rank 0's when P > 1) */
     double tl = spmd_now();
-    if (spmd_agree(comm, gptio_open(comm, ckpt, &g, &meta, err, sizeof err), PROG, err)) goto done;
-    int lrc = ckpt_resolve(ckpt, file, sizeof file, err, sizeof err), nq = 0;
-    if (!lrc) lrc = infer_create(g, maxb, &e, err, sizeof err);
-    if (!lrc && qckpt_is_quantized(file) > 0) lrc = infer_load_quant(e, file, &nq, err, sizeof err);
+    int lrc = ckpt_resolve(ckpt, file, sizeof file, err, sizeof err);
+    if (!lrc && watch) {
+        char latest[4300];
+        struct stat stt;
+        snprintf(latest, sizeof latest, "%s/latest", ckpt);
+        if (stat(latest, &stt) != 0) {
+            snprintf(err, sizeof err, "--watch: %s is not a checkpoint root (no `latest`)", ckpt);
+            lrc = -1;
+        }
+    }
     if (spmd_agree(comm, lrc, PROG, err)) goto done;
-    const gpt_config *cfg = gpt_cfg(g);
+    if (spmd_agree(comm, gptio_open(comm, file, &g, &meta, err, sizeof err), PROG, err)) goto done;
+    d.cfg = *gpt_cfg(g);
+    size_t budget = kv_mb > 0 ? (size_t)(kv_mb * 1048576.0)
+                              : (size_t)maxb * infer_kv_need(&d.cfg, d.cfg.block_size, 1);
     if (rank == 0 && !quiet)
         fprintf(stderr,
-                PROG ": %s (step %lld): %d layers, %d embd, context %d; %s; %d rank(s) x %d slots, "
-                     "KV cache %.1f MiB/rank; loaded in %.2f s\n",
-                file, meta.step, cfg->n_layer, cfg->n_embd, cfg->block_size,
-                nq ? "quantized linear layers" : "fp32", P, maxb, infer_kv_bytes(e) / 1048576.0,
-                spmd_now() - tl);
+                PROG ": %s (step %lld): %d layers, %d embd, context %d; %s; %d rank(s), %d "
+                     "replica(s) x %d slots, KV budget %.2f MiB/replica (%.3f MiB per full-context "
+                     "sequence); loaded in %.2f s\n",
+                file, meta.step, d.cfg.n_layer, d.cfg.n_embd, d.cfg.block_size,
+                qckpt_is_quantized(file) > 0 ? "quantized linear layers" : "fp32", P,
+                P > 1 ? P - 1 : 1, maxb, budget / 1048576.0,
+                infer_kv_need(&d.cfg, d.cfg.block_size, 1) / 1048576.0, spmd_now() - tl);
 
-    /* 2. requests: rank 0 reads, everyone parses the same bytes */
-    long long len = 0;
-    if (rank == 0) {
-        FILE *fi = fopen(in, "rb");
-        if (!fi) {
-            snprintf(err, sizeof err, "%s: %s", in, strerror(errno));
-            len = -1;
-        } else {
-            fseek(fi, 0, SEEK_END);
-            len = ftell(fi);
-            fseek(fi, 0, SEEK_SET);
-            if (len < 0 || len > MAX_INPUT_BYTES) {
-                snprintf(err, sizeof err, "%s: unreadable or larger than 1 GiB", in);
-                len = -1;
-            } else if (!(text = malloc((size_t)len + 1)) ||
-                       fread(text, 1, (size_t)len, fi) != (size_t)len) {
-                snprintf(err, sizeof err, "%s: read failed", in);
-                len = -1;
-            }
-            fclose(fi);
+    /* 2. rank 0: the requests' source and the results' destination */
+    int src_rc = 0;
+    if (rank == 0 && batch) {
+        src_rc = batch_read(in, &d, &bc, err, sizeof err);
+        if (!src_rc && !(fo = fopen(outp, "wb"))) {
+            snprintf(err, sizeof err, "%s: %s", outp, strerror(errno));
+            src_rc = -1;
         }
-        if (len >= 0) {
-            fo = fopen(outp, "wb");
-            if (!fo) {
-                snprintf(err, sizeof err, "%s: %s", outp, strerror(errno));
-                len = -1;
-            }
+    } else if (rank == 0) {
+        serve_http_opts ho = {.max_request_bytes = (size_t)max_req_bytes,
+                              .ranks = P,
+                              .parse = http_parse,
+                              .free_req = sreq_free,
+                              .ctx = &hc};
+        char url[512];
+        src_rc = serve_http_start(http, &ho, &hc.h, url, sizeof url, err, sizeof err);
+        if (!src_rc) {
+            serve_stats st = {.model_step = meta.step, .replicas = P > 1 ? P - 1 : 1};
+            snprintf(st.model, sizeof st.model, "%s", file);
+            serve_http_publish(hc.h, &st);
+            printf("serve: listening on %s\n", url);
+            printf("serve: rank 0 is pid %d (SIGTERM/SIGINT: finish and exit)\n", (int)getpid());
+            fflush(stdout);
         }
     }
-    MPI_Bcast(&len, 1, MPI_LONG_LONG, 0, comm);
-    if (spmd_agree(comm, len < 0 ? -1 : 0, PROG, err)) goto done;
-    if (rank != 0 && !(text = malloc((size_t)len + 1))) len = -1;
-    if (spmd_agree(comm, len < 0 ? -1 : 0, PROG, "out of memory for the requests")) goto done;
-    MPI_Bcast(text, (int)len, MPI_CHAR, 0, comm);
-    text[len] = 0;
-    int cap = 0, nvalid = 0;
-    for (long long a = 0, ln = 1; a < len; ln++) {
-        char *nl = memchr(text + a, '\n', (size_t)(len - a));
-        long long b = nl ? nl - text : len;
-        size_t n = (size_t)(b - a);
-        const char *s = text + a;
-        a = b + 1;
-        size_t k = 0;
-        while (k < n && (s[k] == ' ' || s[k] == '\t' || s[k] == '\r'))
-            k++;
-        if (k == n) continue; /* blank line: not a request */
-        if (nlines == cap) {
-            cap = cap ? 2 * cap : 64;
-            in_line *nl2 = realloc(lines, (size_t)cap * sizeof *lines);
-            if (!nl2) goto oom;
-            lines = nl2;
-        }
-        in_line *L = &lines[nlines++];
-        memset(L, 0, sizeof *L);
-        L->line = (int)ln;
-        L->valid = -1;
-        char e2[256];
-        if (serve_parse_line(s, n, &L->sl, e2, sizeof e2)) {
-            snprintf(L->err, sizeof L->err, "line %d: %s", L->line, e2);
-            continue;
-        }
-        if (L->sl.prompt_len == 0) {
-            snprintf(L->err, sizeof L->err, "line %d: prompt is empty", L->line);
-            continue;
-        }
-        if (L->sl.prompt_len > (size_t)cfg->block_size) {
-            snprintf(L->err, sizeof L->err,
-                     "line %d: prompt of %zu tokens is longer than the context of %d", L->line,
-                     L->sl.prompt_len, cfg->block_size);
-            continue;
-        }
-        int vbad = 0;
-        for (size_t j = 0; j < L->sl.prompt_len; j++)
-            vbad |= (unsigned char)L->sl.prompt[j] >= (unsigned)cfg->vocab_size;
-        if (vbad) {
-            snprintf(L->err, sizeof L->err,
-                     "line %d: prompt has bytes outside the vocabulary of %d", L->line,
-                     cfg->vocab_size);
-            continue;
-        }
-        L->valid = nvalid++;
-    }
+    if (spmd_agree(comm, src_rc, PROG, err)) goto done;
 
-    /* 3. this rank's requests: valid ones with index % P == rank */
-    for (int i = 0; i < nlines; i++)
-        nm += lines[i].valid >= 0 && lines[i].valid % P == rank;
-    rq = calloc((size_t)nm + 1, sizeof *rq);
-    rs = calloc((size_t)nm + 1, sizeof *rs);
-    ridx = calloc((size_t)nm + 1, sizeof *ridx);
-    size_t ntok = 0;
-    for (int i = 0; i < nlines; i++)
-        if (lines[i].valid >= 0 && lines[i].valid % P == rank) ntok += lines[i].sl.prompt_len;
-    toks = malloc((ntok + 1) * sizeof(int));
-    if (!rq || !rs || !ridx || !toks) goto oom;
-    nm = 0;
-    ntok = 0;
-    for (int i = 0; i < nlines; i++) {
-        serve_line *s = &lines[i].sl;
-        if (lines[i].valid < 0 || lines[i].valid % P != rank) continue;
-        for (size_t j = 0; j < s->prompt_len; j++)
-            toks[ntok + j] = (unsigned char)s->prompt[j];
-        rq[nm] = (infer_request){
-            .prompt = toks + ntok,
-            .n_prompt = (int)s->prompt_len,
-            .max_new_tokens = (int)(s->max_new_tokens >= 0 ? s->max_new_tokens : def_new),
-            .sampling = {.temperature = (float)(s->temperature >= 0 ? s->temperature : def_t),
-                         .top_k = (int)(s->top_k >= 0 ? s->top_k : def_k),
-                         .top_p = (float)(s->top_p >= 0 ? s->top_p : def_p),
-                         .seed = (uint64_t)(s->seed >= 0 ? s->seed : def_seed)},
-            .stop = s->stop ? s->stop : stop};
-        ntok += s->prompt_len;
-        ridx[nm++] = i;
-    }
+    /* 3. serve */
+    serve_sched_opts so = {.max_batch = maxb,
+                           .kv_budget = budget,
+                           .watch = watch ? ckpt : NULL,
+                           .watch_interval = watch_s,
+                           .quiet = quiet};
+    serve_sched_hooks hk = batch ? (serve_sched_hooks){batch_poll, batch_done, &bc}
+                                 : (serve_sched_hooks){http_poll, http_done, &hc};
+    hc.t0 = spmd_now();
+    int run_rc = serve_sched_run(comm, g, file, meta.step, &so, &hk, err, sizeof err);
+    g = NULL;              /* taken over */
+    if (run_rc) goto done; /* agreed inside */
 
-    /* 4. run */
-    MPI_Barrier(comm);
-    double t0 = spmd_now();
-    int run_rc = infer_run(e, rq, nm, rs, maxb, t0);
-    double t_local = spmd_now() - t0;
-    if (spmd_agree(comm, run_rc, PROG, "inference failed (out of memory?)")) goto done;
-    long long st[2], sta[2];
-    infer_batch_stats(e, &st[0], &st[1]);
-    MPI_Reduce(st, sta, 2, MPI_LONG_LONG, MPI_SUM, 0, comm);
-
-    /* 5. results as records to rank 0 */
-    for (int j = 0; j < nm; j++) {
-        infer_result *r = &rs[j];
-        serve_line *s = &lines[ridx[j]].sl;
-        char *bytes = malloc((size_t)r->n_tokens + 1), *q = NULL, *lb = NULL;
-        if (!bytes) goto oom;
-        for (int t = 0; t < r->n_tokens; t++)
-            bytes[t] = (char)r->tokens[t];
-        q = json_quote(bytes, (size_t)r->n_tokens);
-        free(bytes);
-        size_t lbn = (q ? strlen(q) : 0) + strlen(s->id) + 400;
-        lb = malloc(lbn);
-        if (!q || !lb) {
-            free(q), free(lb);
-            goto oom;
-        }
-        double tps = r->decode_ms > 0 ? (r->generated - 1) / (r->decode_ms / 1e3) : 0;
-        int m =
-            snprintf(lb, lbn,
-                     "{\"id\": %s, \"text\": %s, \"tokens\": %d, \"finish_reason\": \"%s\", "
-                     "\"timings\": {\"prompt_ms\": %.3f, \"decode_ms\": %.3f, \"ttft_ms\": %.3f, "
-                     "\"tokens_per_s\": %.2f}}\n",
-                     s->id, q, r->generated, infer_finish_name(r->finish), r->prompt_ms,
-                     r->decode_ms, r->ttft_ms, tps);
-        rec_hdr h = {lines[ridx[j]].line, r->generated, r->latency_ms, r->ttft_ms, m};
-        int prc = sb_put(&mine, &h, sizeof h) || sb_put(&mine, lb, (size_t)m);
-        free(q), free(lb);
-        if (prc) goto oom;
-    }
-    if (mine.n > INT_MAX) goto oom;
-    int my = (int)mine.n;
-    if (rank == 0) {
-        counts = malloc((size_t)P * sizeof(int));
-        displs = malloc((size_t)P * sizeof(int));
-    }
-    MPI_Gather(&my, 1, MPI_INT, counts, 1, MPI_INT, 0, comm);
-    long long tot = 0;
-    if (rank == 0) {
-        for (int r = 0; r < P; r++) {
-            displs[r] = (int)tot;
-            tot += counts[r];
-        }
-        if (tot > INT_MAX) {
-            fprintf(stderr, PROG ": results larger than 2 GiB\n");
-            tot = 0; /* gathered nothing; the output will miss lines */
-        }
-        all = malloc((size_t)tot + 1);
-    }
-    MPI_Gatherv(mine.b, my, MPI_CHAR, all, counts, displs, MPI_CHAR, 0, comm);
-
-    /* 6. rank 0: in input order, then the summary */
+    /* 4. rank 0: results and summary */
     int werr = 0;
-    if (rank == 0) {
-        double wall = spmd_now() - t0;
-        char **out = calloc((size_t)nlines + 1, sizeof *out);
-        int *outlen = calloc((size_t)nlines + 1, sizeof *outlen), nres = 0;
-        double *lat = malloc(((size_t)nvalid + 1) * sizeof(double)),
-               *ttft = malloc(((size_t)nvalid + 1) * sizeof(double));
-        long long gen = 0;
-        int errors = 0;
-        if (!out || !outlen || !lat || !ttft) werr = 1;
-        /* line number -> index in lines[] (lines are increasing) */
-        for (long long off = 0; !werr && off < tot;) {
-            rec_hdr h;
-            memcpy(&h, all + off, sizeof h);
-            off += sizeof h;
-            int lo = 0, hi = nlines - 1;
-            while (lo < hi) {
-                int mid = (lo + hi) / 2;
-                if (lines[mid].line < h.line)
-                    lo = mid + 1;
-                else
-                    hi = mid;
-            }
-            out[lo] = all + off;
-            outlen[lo] = h.len;
-            off += h.len;
-            lat[nres] = h.latency_ms, ttft[nres++] = h.ttft_ms;
-            gen += h.generated;
-        }
-        for (int i = 0; !werr && i < nlines; i++) {
-            if (lines[i].valid < 0) {
-                errors++;
-                char *q = json_quote(lines[i].err, strlen(lines[i].err));
-                if (!q || fprintf(fo, "{\"id\": %s, \"error\": %s}\n", lines[i].sl.id, q) < 0)
-                    werr = 1;
-                free(q);
-            } else if (!out[i]) {
-                werr = 1;
-            } else if (fwrite(out[i], 1, (size_t)outlen[i], fo) != (size_t)outlen[i])
-                werr = 1;
-        }
+    if (rank == 0 && batch) {
+        double wall = spmd_now() - bc.t0;
+        werr = bc.oom || batch_write(fo, &bc);
         if (fclose(fo) != 0) werr = 1;
         fo = NULL;
         if (werr)
             snprintf(err, sizeof err, "%s: cannot write the results", outp);
         else if (!quiet) {
-            qsort(lat, (size_t)nres, sizeof(double), dcmp);
-            qsort(ttft, (size_t)nres, sizeof(double), dcmp);
-            printf("serve: %d requests (%d ok, %d errors) | %lld tokens generated in %.3f s | "
-                   "%.1f tok/s | mean decode batch %.2f\n",
-                   nlines, nres, errors, gen, wall, wall > 0 ? gen / wall : 0,
-                   sta[0] ? (double)sta[1] / sta[0] : 0);
-            printf("latency ms: p50 %.1f | p90 %.1f | p99 %.1f ; time to first token ms: p50 %.1f "
-                   "| p90 %.1f | p99 %.1f\n",
-                   pct(lat, nres, 50), pct(lat, nres, 90), pct(lat, nres, 99), pct(ttft, nres, 50),
-                   pct(ttft, nres, 90), pct(ttft, nres, 99));
+            bc.t.errors = 0;
+            tally_print(&bc.t, bc.n, wall);
         }
-        (void)t_local;
-        free(out), free(outlen), free(lat), free(ttft);
+        if (!werr && bc.cancelled) {
+            snprintf(err, sizeof err,
+                     "interrupted by a signal: the requests not run have error lines in %s", outp);
+            werr = 1;
+        }
+    } else if (rank == 0) {
+        serve_http_stop(hc.h);
+        hc.h = NULL;
+        if (!quiet) tally_print(&hc.t, (int)hc.answered, spmd_now() - hc.t0);
     }
     if (spmd_agree(comm, werr ? -1 : 0, PROG, err)) goto done;
     rc = 0;
-    goto done;
-oom:
-    /* reached by a rank alone; the others would block in the next collective,
-     * so stop everything */
-    fprintf(stderr, PROG ": rank %d: out of memory\n", rank);
-    MPI_Abort(comm, 1);
 done:
     if (fo) fclose(fo);
-    for (int i = 0; i < nlines; i++)
-        serve_line_free(&lines[i].sl);
-    free(lines);
-    if (rs)
-        for (int j = 0; j < nm; j++)
-            infer_result_free(&rs[j]);
-    free(rs);
-    free(rq), free(ridx), free(toks), free(text), free(mine.b), free(all), free(counts),
-        free(displs);
+    for (int i = 0; i < bc.n; i++)
+        sreq_clear(&bc.r[i]);
+    free(bc.r);
+    free(bc.t.lat), free(bc.t.ttft), free(hc.t.lat), free(hc.t.ttft);
+    serve_http_stop(hc.h);
     free(meta.config);
-    infer_destroy(e);
     gpt_destroy(g);
     return rc;
 }

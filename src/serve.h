@@ -1,17 +1,22 @@
-/* serve: `mpilm serve` batch mode (issue 8): JSONL requests in, JSONL
- * results out, continuous batching on every rank (src/infer.h), requests
- * handed out by rank 0 round-robin, results written by rank 0 in input
- * order. Not here: the engine (src/infer.c).
+/* serve: the `mpilm serve` command (issue 8): options, the JSON request
+ * format (a strict reader of one flat object, shared by the JSONL batch mode
+ * and POST /completion), results as JSON, batch mode (JSONL in, JSONL out in
+ * input order, latency summary) and HTTP mode (src/serve_http.h).
+ * Not here: scheduling across ranks and hot reload (src/serve_sched.h), the
+ * engine (src/infer.h).
  */
 #ifndef MPILM_SERVE_H
 #define MPILM_SERVE_H
 
 #include <mpi.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 
-/* Collective over comm. Exit status: 0, 1 (failure), 2 (usage). */
-int serve_main(int argc, char **argv, MPI_Comm comm);
+/* Collective over comm. Exit status: 0, 1 (failure), 2 (usage). stop: set
+ * by SIGTERM/SIGINT (main's handler); HTTP mode then stops accepting,
+ * answers what it accepted and returns 0. */
+int serve_main(int argc, char **argv, MPI_Comm comm, volatile sig_atomic_t *stop);
 
 /* One parsed request line (exposed for tests). */
 typedef struct {
@@ -28,5 +33,9 @@ typedef struct {
  * whenever it could be read). Free with serve_line_free. */
 int serve_parse_line(const char *s, size_t n, serve_line *out, char *err, size_t errlen);
 void serve_line_free(serve_line *l);
+
+/* Bytes s[0..n) as a JSON string literal (quotes included), malloc'ed:
+ * valid UTF-8 passes through, other bytes become U+FFFD. Thread-safe. */
+char *serve_json_quote(const char *s, size_t n);
 
 #endif

@@ -1,24 +1,36 @@
 /* Matmul on quantized weights for serving (kernels/quant.h, quant_matmul):
  * y (B, out) = x (B, in) @ W^T + bias with W read block by block from its
- * quantized form; each block's codes are expanded to 32 fp32 values in
- * registers and multiplied with up to 4 rows of x at once (fp32 FMA).
- * Not here: encoding, decoding and the scalar reference (quant.c).
+ * quantized form, never dequantized to memory.
+ * Not here: encoding, decoding and the exact scalar reference (quant.c).
  *
- * Decode (B = 1..4) is bound by streaming W, so the point is to read fewer
- * bytes per weight and spend few instructions on each; x (B*in floats)
- * stays in cache. Per block the dot product with the unscaled code values
- * is formed first and scaled once: d * sum(v x), plus o * sum(x) with
- * o = -8d (q4) or m (q4a) and sum(x) precomputed per block of x. That is
- * the sum over dequantized weights up to fp32 rounding (~1e-7 of sum|w x|).
- * Each output row is computed by a fixed instruction sequence that depends
- * only on B and the format, so results are the same for any OpenMP thread
- * count. Measured (4096x4096, B=1, one core, weights from DRAM): q8 2.8x,
- * q4 3.5x, q4a 3x, nf4 2.5x faster than OpenBLAS fp32 sgemv; nf4 pays for
- * its table lookups (two vpermps and a blend per 8 weights).
+ * Decode (B = 1..32) is bound by streaming W, so the point is to read fewer
+ * bytes per weight and spend very few instructions on each. As llama.cpp
+ * does, each row of x is first quantized per block of 32 to int8 (scale
+ * dx = absmax/127, round to nearest), then every weight block is a pure
+ * integer dot product of its codes with the int8 block of x, scaled once:
+ *   q8   d*dx*sum(c*xq)                 c = int8 code
+ *   q4   d*dx*sum(n*xq) - 8*d*(dx*sum(xq))   n = nibble 0..15
+ *   q4a  d*dx*sum(n*xq) + m*(dx*sum(xq))
+ *   nf4  d*dx*sum(k*xq)/127             k = round(127*cb[code]) (int8 table)
+ * Two instruction sets, chosen at run time (quant_isa_best):
+ *   avx512vnni  512-bit vpdpbusd (unsigned x signed bytes -> int32, no
+ *               saturation); signed codes (q8, nf4 table) are made unsigned
+ *               by +128 and 128*sum(xq) is subtracted per block.
+ *   avx2        vpmaddubsw + vpmaddwd; signed codes use the sign trick
+ *               (|c| times xq with c's sign) so the int16 pairs cannot
+ *               saturate (2*127*127 < 32767).
+ * The integer sums are exact; the results differ from the float product on
+ * the dequantized weights only by the int8 rounding of x (at most dx/2 per
+ * element) and, for nf4, the int8 rounding of the codebook (at most
+ * 0.5/127 of d per weight): see quant.h for the bound the tests check.
+ * Every output row is computed by a fixed instruction sequence that depends
+ * only on B-independent quantities (the format, `in`, the ISA), so results
+ * do not change with the thread count or with the other rows of x.
  */
 #include "kernels/quant.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,65 +39,74 @@
 #include <immintrin.h>
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+/* rows of x per pass over a weight row (8 for VNNI measured no faster) */
+#define NB_TILE 4
 
-/* Code values of one block, unscaled, as 4 x 8 floats v[0..3] (weights
- * 0-7, 8-15, 16-23, 24-31): q8 the int8 code, q4 and q4a the nibble 0..15
- * (q4's -8 is applied per row through the block sums of x), nf4 cb[code].
- * F is a compile-time constant after inlining. */
-static ALWAYS_INLINE void code_values(quant_fmt F, const uint8_t *q, __m256 tlo, __m256 thi,
-                                      __m256 v[4]) {
-    if (F == QUANT_Q8) {
-        for (int k = 0; k < 4; k++) {
-            __m128i b = _mm_loadl_epi64((const __m128i *)(const void *)(q + 8 * k));
-            v[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+/* nf4 codebook as int8: round(127 * cb[k]) */
+static void nf4_table(int8_t t[16]) {
+    for (int k = 0; k < 16; k++)
+        t[k] = (int8_t)lrintf(127.0f * quant_nf4_codebook[k]);
+}
+
+/* ------------------------------------------------------------ packed x */
+
+/* x quantized for the kernels. Blocks are padded to a multiple of 8 per row
+ * (zeros: they add nothing, and kernels may read them). Per row b:
+ *   q   int8 [nbp * 32]: 4-bit formats in groups of 4 blocks (128 bytes:
+ *       the first 16 values of blocks 0..3, then the last 16 of each), so
+ *       the low / high nibbles of 4 consecutive 16-byte code blocks meet
+ *       their x in one 64-byte load; q8 in natural order (32 per block).
+ *   dx  float [nbp * lpb]: scale of each block (x ~ dx * q), repeated for
+ *       the lpb int32 lanes its dot product occupies in the kernels (8 for
+ *       q8, 4 for the 4-bit formats), so a step scales its lanes with one
+ *       load instead of a shuffle per row of x
+ *   sx  float [nbp]: dx * sum(q) of each block (offset terms) */
+typedef struct {
+    int8_t *q;
+    float *dx, *sx;
+    size_t nbp, lpb;
+} xpack;
+
+static void pack_x(int split, const float *x, size_t B, size_t in, xpack *p) {
+    size_t nblk = (in + QUANT_BLOCK - 1) / QUANT_BLOCK, nbp = p->nbp;
+    for (size_t b = 0; b < B; b++) {
+        int8_t *qb = p->q + b * nbp * QUANT_BLOCK;
+        memset(qb, 0, nbp * QUANT_BLOCK);
+        for (size_t j = 0; j < nbp; j++) {
+            float d = 0.0f, s = 0.0f;
+            if (j < nblk) {
+                const float *xj = x + b * in + j * QUANT_BLOCK;
+                size_t n = in - j * QUANT_BLOCK < QUANT_BLOCK ? in - j * QUANT_BLOCK : QUANT_BLOCK;
+                float amax = 0.0f;
+                for (size_t i = 0; i < n; i++)
+                    amax = fabsf(xj[i]) > amax ? fabsf(xj[i]) : amax;
+                int sum = 0;
+                if (amax > 0.0f) {
+                    d = amax / 127.0f;
+                    float inv = 127.0f / amax;
+                    int8_t *lo = split ? qb + (j / 4) * 128 + (j % 4) * 16 : qb + j * 32;
+                    int8_t *hi = split ? lo + 64 : lo + 16;
+                    for (size_t i = 0; i < n; i++) {
+                        long v = lrintf(xj[i] * inv);
+                        v = v > 127 ? 127 : v < -127 ? -127 : v;
+                        sum += (int)v;
+                        if (i < 16)
+                            lo[i] = (int8_t)v;
+                        else
+                            hi[i - 16] = (int8_t)v;
+                    }
+                }
+                s = d * (float)sum;
+            }
+            for (size_t t = 0; t < p->lpb; t++)
+                p->dx[(b * nbp + j) * p->lpb + t] = d;
+            p->sx[b * nbp + j] = s;
         }
-        return;
     }
-    /* bytes 0-7 and 8-15 as 32-bit lanes; low nibbles are weights 0-15,
-     * high nibbles weights 16-31 */
-    __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)q));
-    __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(q + 8)));
-    if (F == QUANT_NF4) {
-        /* 16-entry codebook in two registers: vpermps uses the low 3 bits
-         * of the index, bit 3 of the nibble (moved to the sign bit) picks
-         * the register */
-        __m256i h0 = _mm256_srli_epi32(b0, 4), h1 = _mm256_srli_epi32(b1, 4);
-        v[0] =
-            _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, b0), _mm256_permutevar8x32_ps(thi, b0),
-                             _mm256_castsi256_ps(_mm256_slli_epi32(b0, 28)));
-        v[1] =
-            _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, b1), _mm256_permutevar8x32_ps(thi, b1),
-                             _mm256_castsi256_ps(_mm256_slli_epi32(b1, 28)));
-        v[2] =
-            _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, h0), _mm256_permutevar8x32_ps(thi, h0),
-                             _mm256_castsi256_ps(_mm256_slli_epi32(b0, 24)));
-        v[3] =
-            _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, h1), _mm256_permutevar8x32_ps(thi, h1),
-                             _mm256_castsi256_ps(_mm256_slli_epi32(b1, 24)));
-        return;
-    }
-    const __m256i m4 = _mm256_set1_epi32(0x0f);
-    v[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, m4));
-    v[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, m4));
-    v[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
-    v[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
 }
 
-/* Weights of one block exactly as dequant_tensor gives them, for the
- * padded last block of a row. */
-static ALWAYS_INLINE void block_weights(quant_fmt F, const uint8_t *q, float d, float m, float *w) {
-    __m256 v[4];
-    code_values(F, q, _mm256_loadu_ps(quant_nf4_codebook), _mm256_loadu_ps(quant_nf4_codebook + 8),
-                v);
-    const __m256 vd = _mm256_set1_ps(d);
-    const __m256 vm = _mm256_set1_ps(F == QUANT_Q4 ? -8.0f * d : m);
-    for (int k = 0; k < 4; k++) {
-        __m256 wk = _mm256_mul_ps(vd, v[k]); /* exact for the integer formats */
-        if (F == QUANT_Q4 || F == QUANT_Q4A)
-            wk = _mm256_add_ps(wk, vm); /* q4: d*k - 8d = d*(k-8) exactly */
-        _mm256_storeu_ps(w + 8 * k, wk);
-    }
-}
+/* ---------------------------------------------------------- helpers */
 
 static ALWAYS_INLINE uint16_t ld16(const uint8_t *p) {
     uint16_t v;
@@ -93,218 +114,342 @@ static ALWAYS_INLINE uint16_t ld16(const uint8_t *p) {
     return v;
 }
 
-static ALWAYS_INLINE float hsum(__m256 v) {
+static ALWAYS_INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
 
-static ALWAYS_INLINE __m256 load_fp16x8(const uint8_t *p, size_t cnt) {
-    if (cnt == 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
-    uint16_t t[8] = {0};
-    memcpy(t, p, 2 * cnt);
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)t));
-}
-
-/* Does the format need the block sums of x (offset term per block)? */
-#define HAS_OFFSET(F) ((F) == QUANT_Q4 || (F) == QUANT_Q4A)
-
-/* Block j against NB rows of x: acc[b] += d * sum(v * x). */
-static ALWAYS_INLINE void block_dot(quant_fmt F, int NB, const uint8_t *q, __m256 vd, __m256 tlo,
-                                    __m256 thi, const float *x, size_t ldx, __m256 *acc) {
-    __m256 v[4];
-    code_values(F, q, tlo, thi, v);
-    for (int b = 0; b < NB; b++) {
-        const float *xb = x + (size_t)b * ldx;
-        __m256 t = _mm256_mul_ps(v[0], _mm256_loadu_ps(xb));
-        __m256 u = _mm256_mul_ps(v[2], _mm256_loadu_ps(xb + 16));
-        t = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xb + 8), t);
-        u = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xb + 24), u);
-        acc[b] = _mm256_fmadd_ps(vd, _mm256_add_ps(t, u), acc[b]);
+/* sum_j o_j * sx[j] over the blocks of a row, o_j the fp16 values at
+ * `half` (scales, or q4a minimums); 8 blocks at a time, fixed order. */
+static ALWAYS_INLINE float offset_sum(const uint8_t *half, size_t nblk, const float *sx) {
+    __m256 acc = _mm256_setzero_ps();
+    size_t j = 0;
+    for (; j + 8 <= nblk; j += 8)
+        acc = _mm256_fmadd_ps(
+            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(half + 2 * j))),
+            _mm256_loadu_ps(sx + j), acc);
+    if (j < nblk) {
+        uint16_t t[8] = {0};
+        memcpy(t, half + 2 * j, 2 * (nblk - j));
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)t)),
+                              _mm256_loadu_ps(sx + j), acc);
     }
+    return hsum8(acc);
 }
 
-/* One output row against NB (1..4) rows of x: res[b] = W[r,:] . x[b,:].
- * Blocks go in groups of 8 (their 8 fp16 scales converted at once); two
- * accumulators per row of x (even and odd blocks) hide the FMA latency.
- * q4/q4a: res += sum_j o_j * S[b][j] with o_j = -8 d_j (q4) or m_j (q4a)
- * and S the block sums of x. */
-static ALWAYS_INLINE void row_tile(quant_fmt F, int NB, const uint8_t *qrow, const uint8_t *srow,
-                                   const uint8_t *mrow, size_t code_bytes, size_t in,
-                                   const float *x, size_t ldx, const float *S, size_t lds,
-                                   float *res) {
-    __m256 acc0[4], acc1[4], acco[4];
+/* The offset term of a row for each of NB rows of x: res[b] += off * sum. */
+static ALWAYS_INLINE void add_offsets(quant_fmt F, int vnni, int NB, const uint8_t *srow,
+                                      const uint8_t *mrow, size_t nblk, const xpack *xp, size_t b0,
+                                      float *res) {
+    /* nf4: the table holds 127*cb, so its scale is d/127 */
+    float k = F == QUANT_Q4    ? -8.0f
+              : F == QUANT_Q4A ? 1.0f
+              : !vnni          ? 0.0f
+              : F == QUANT_NF4 ? -128.0f / 127.0f
+                               : -128.0f;
+    if (k == 0.0f) return;
+    const uint8_t *half = F == QUANT_Q4A ? mrow : srow;
     for (int b = 0; b < NB; b++)
-        acc0[b] = acc1[b] = acco[b] = _mm256_setzero_ps();
-    const __m256 tlo = _mm256_loadu_ps(quant_nf4_codebook);
-    const __m256 thi = _mm256_loadu_ps(quant_nf4_codebook + 8);
-    size_t nfull = in / QUANT_BLOCK;
-    for (size_t j0 = 0; j0 < nfull; j0 += 8) {
-        size_t cnt = nfull - j0 < 8 ? nfull - j0 : 8;
-        float ds[8];
-        __m256 d8 = load_fp16x8(srow + 2 * j0, cnt);
-        _mm256_storeu_ps(ds, d8);
-        /* make the compiler read ds[k] back with vbroadcastss from memory
-         * (a load) instead of two shuffles per block */
-        __asm__ volatile("" ::: "memory");
-        if (HAS_OFFSET(F)) {
-            __m256 o8 = F == QUANT_Q4A ? load_fp16x8(mrow + 2 * j0, cnt) : d8;
-            __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)cnt),
-                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            for (int b = 0; b < NB; b++)
-                acco[b] = _mm256_fmadd_ps(o8, _mm256_maskload_ps(S + b * lds + j0, mask), acco[b]);
+        res[b] += k * offset_sum(half, nblk, xp->sx + (b0 + b) * xp->nbp);
+}
+
+/* ------------------------------------------------------------ AVX2 */
+
+/* One weight row against NB rows of x (b0..b0+NB-1): res[b] = W[r,:] . x[b,:]
+ * without the offset term. Steps of 2 blocks (4-bit: 32 code bytes) or 1
+ * block (q8); the int32 lanes of a step (4 per 4-bit block, 8 per q8 block)
+ * are scaled by d*dx of their block and accumulated in fp32. */
+static ALWAYS_INLINE void row_avx2(quant_fmt F, int NB, const uint8_t *qrow, const uint8_t *srow,
+                                   size_t nblk, const xpack *xp, size_t b0, __m256i tab,
+                                   float *res) {
+    __m256 acc[NB_TILE];
+    for (int b = 0; b < NB; b++)
+        acc[b] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
+    const size_t stride = xp->nbp * QUANT_BLOCK;
+    if (F == QUANT_Q8) {
+        for (size_t j = 0; j < nblk; j++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(const void *)(qrow + 32 * j));
+            __m256i aw = _mm256_abs_epi8(w);
+            __m256 dw = _mm256_set1_ps(_cvtsh_ss(ld16(srow + 2 * j)));
+            for (int b = 0; b < NB; b++) {
+                const int8_t *xq = xp->q + (b0 + b) * stride + 32 * j;
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)xq);
+                __m256i s =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+                __m256 sc =
+                    _mm256_mul_ps(dw, _mm256_loadu_ps(xp->dx + ((b0 + b) * xp->nbp + j) * 8));
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[b]);
+            }
         }
-        const uint8_t *q = qrow + j0 * code_bytes;
-        const float *xj = x + j0 * QUANT_BLOCK;
-        size_t k = 0;
-        for (; k + 2 <= cnt; k += 2) {
-            block_dot(F, NB, q + k * code_bytes, _mm256_broadcast_ss(ds + k), tlo, thi,
-                      xj + k * QUANT_BLOCK, ldx, acc0);
-            block_dot(F, NB, q + (k + 1) * code_bytes, _mm256_broadcast_ss(ds + k + 1), tlo, thi,
-                      xj + (k + 1) * QUANT_BLOCK, ldx, acc1);
+    } else {
+        const __m256i idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        for (size_t j = 0; j < nblk; j += 2) {
+            __m256i w;
+            __m128 dw;
+            if (j + 2 <= nblk) {
+                w = _mm256_loadu_si256((const __m256i *)(const void *)(qrow + 16 * j));
+                uint32_t h2;
+                memcpy(&h2, srow + 2 * j, 4);
+                dw = _mm_cvtph_ps(_mm_cvtsi32_si128((int)h2));
+            } else { /* last odd block: its x partner is zero padding */
+                w = _mm256_inserti128_si256(
+                    _mm256_setzero_si256(),
+                    _mm_loadu_si128((const __m128i *)(const void *)(qrow + 16 * j)), 0);
+                dw = _mm_cvtph_ps(_mm_cvtsi32_si128((int)ld16(srow + 2 * j)));
+            }
+            if (F == QUANT_NF4) dw = _mm_mul_ps(dw, _mm_set1_ps(1.0f / 127.0f));
+            __m256 dw8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dw), idx);
+            __m256i lo = _mm256_and_si256(w, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+            __m256i alo = lo, ahi = hi;
+            if (F == QUANT_NF4) {
+                lo = _mm256_shuffle_epi8(tab, lo);
+                hi = _mm256_shuffle_epi8(tab, hi);
+                alo = _mm256_abs_epi8(lo);
+                ahi = _mm256_abs_epi8(hi);
+            }
+            const int8_t *xg = xp->q + (j / 4) * 128 + (j % 4) * 16;
+            for (int b = 0; b < NB; b++) {
+                const int8_t *xq = xg + (b0 + b) * stride;
+                __m256i xl = _mm256_loadu_si256((const __m256i *)(const void *)xq);
+                __m256i xh = _mm256_loadu_si256((const __m256i *)(const void *)(xq + 64));
+                __m256i s;
+                if (F == QUANT_NF4)
+                    s = _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(alo, _mm256_sign_epi8(xl, lo)),
+                                          ones),
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(ahi, _mm256_sign_epi8(xh, hi)),
+                                          ones));
+                else /* nibbles are unsigned: 4*15*127 fits int16 */
+                    s = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
+                                                           _mm256_maddubs_epi16(hi, xh)),
+                                          ones);
+                __m256 sc =
+                    _mm256_mul_ps(dw8, _mm256_loadu_ps(xp->dx + ((b0 + b) * xp->nbp + j) * 4));
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[b]);
+            }
         }
-        if (k < cnt)
-            block_dot(F, NB, q + k * code_bytes, _mm256_broadcast_ss(ds + k), tlo, thi,
-                      xj + k * QUANT_BLOCK, ldx, acc0);
     }
-    for (int b = 0; b < NB; b++) {
-        res[b] = hsum(_mm256_add_ps(acc0[b], acc1[b]));
-        if (F == QUANT_Q4)
-            res[b] += -8.0f * hsum(acco[b]);
-        else if (F == QUANT_Q4A)
-            res[b] += hsum(acco[b]);
-    }
-    size_t rem = in - nfull * QUANT_BLOCK, j = nfull;
-    if (rem) { /* padded last block: only the valid weights */
-        float wf[QUANT_BLOCK];
-        float m = F == QUANT_Q4A ? _cvtsh_ss(ld16(mrow + 2 * j)) : 0.0f;
-        block_weights(F, qrow + j * code_bytes, _cvtsh_ss(ld16(srow + 2 * j)), m, wf);
+    for (int b = 0; b < NB; b++)
+        res[b] = hsum8(acc[b]);
+}
+
+/* --------------------------------------------------- AVX-512 VNNI */
+
+T512 static ALWAYS_INLINE float hsum16(__m512 v) {
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* As row_avx2 with 64-byte steps: 4 blocks (4-bit, 4 lanes each) or 2
+ * blocks (q8, 8 lanes each). Signed codes are biased to unsigned by +128
+ * (the -128*sum(xq) comes from add_offsets). */
+T512 static ALWAYS_INLINE void row_vnni(quant_fmt F, int NB, const uint8_t *qrow,
+                                        const uint8_t *srow, size_t nblk, const xpack *xp,
+                                        size_t b0, __m512i tab, float *res) {
+    __m512 acc[NB_TILE];
+    for (int b = 0; b < NB; b++)
+        acc[b] = _mm512_setzero_ps();
+    const size_t stride = xp->nbp * QUANT_BLOCK;
+    const size_t bps = F == QUANT_Q8 ? 2 : 4, cb = F == QUANT_Q8 ? 32 : 16;
+    const __m512i idx = F == QUANT_Q8
+                            ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                            : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i m4 = _mm512_set1_epi8(0x0f), bias = _mm512_set1_epi8((char)0x80);
+    for (size_t j = 0; j < nblk; j += bps) {
+        __m512i w;
+        __m128 dw;
+        if (j + bps <= nblk) {
+            w = _mm512_loadu_si512((const void *)(qrow + cb * j));
+            dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << bps) - 1), srow + 2 * j));
+        } else { /* tail: masked loads, the missing blocks' x are zero */
+            size_t cnt = nblk - j;
+            w = _mm512_maskz_loadu_epi8((__mmask64)((1ull << (cnt * cb)) - 1), qrow + cb * j);
+            dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << cnt) - 1), srow + 2 * j));
+        }
+        __m512i u0, u1 = _mm512_setzero_si512();
+        if (F == QUANT_Q8) {
+            u0 = _mm512_xor_si512(w, bias);
+        } else {
+            u0 = _mm512_and_si512(w, m4);
+            u1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+            if (F == QUANT_NF4) {
+                dw = _mm_mul_ps(dw, _mm_set1_ps(1.0f / 127.0f));
+                u0 = _mm512_shuffle_epi8(tab, u0);
+                u1 = _mm512_shuffle_epi8(tab, u1);
+            }
+        }
+        const __m512 dw16 = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(dw));
         for (int b = 0; b < NB; b++) {
-            const float *xb = x + (size_t)b * ldx + j * QUANT_BLOCK;
-            float t = 0.0f;
-            for (size_t i = 0; i < rem; i++)
-                t += wf[i] * xb[i];
-            res[b] += t;
+            const int8_t *xq = xp->q + (b0 + b) * stride + 32 * j;
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_loadu_si512(xq));
+            if (F != QUANT_Q8) s = _mm512_dpbusd_epi32(s, u1, _mm512_loadu_si512(xq + 64));
+            __m512 sc =
+                _mm512_mul_ps(dw16, _mm512_loadu_ps(xp->dx + ((b0 + b) * xp->nbp + j) * cb / 4));
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[b]);
         }
     }
+    for (int b = 0; b < NB; b++)
+        res[b] = hsum16(acc[b]);
 }
 
-/* Output row r for all B rows of x, in tiles of 4 rows of x. */
-static ALWAYS_INLINE void matmul_row(quant_fmt F, const quant_layout *l, const uint8_t *base,
-                                     size_t r, size_t out, size_t in, const float *x, size_t B,
-                                     const float *S, const float *bias, float *y) {
-    size_t cb = l->code_bytes, nblk = l->nblk, nfull = in / QUANT_BLOCK;
-    const uint8_t *qrow = base + l->q_off + r * nblk * cb;
-    const uint8_t *srow = base + l->scale_off + r * nblk * 2;
-    const uint8_t *mrow = l->min_bytes ? base + l->min_off + r * nblk * 2 : NULL;
-    float br = bias ? bias[r] : 0.0f;
-    for (size_t b0 = 0; b0 < B; b0 += 4) {
-        float res[4];
-        const float *xb = x + b0 * in;
-        const float *Sb = S ? S + b0 * nfull : NULL;
-        switch (B - b0 >= 4 ? 4 : B - b0) {
-        case 4:
-            row_tile(F, 4, qrow, srow, mrow, cb, in, xb, in, Sb, nfull, res);
-            break;
-        case 3:
-            row_tile(F, 3, qrow, srow, mrow, cb, in, xb, in, Sb, nfull, res);
-            break;
-        case 2:
-            row_tile(F, 2, qrow, srow, mrow, cb, in, xb, in, Sb, nfull, res);
-            break;
-        default:
-            row_tile(F, 1, qrow, srow, mrow, cb, in, xb, in, Sb, nfull, res);
-            break;
-        }
-        for (size_t b = b0; b < B && b < b0 + 4; b++)
-            y[b * out + r] = res[b - b0] + br;
+/* -------------------------------------------------------- drivers */
+
+typedef struct {
+    const quant_layout *l;
+    const uint8_t *base;
+    size_t out, in, B;
+    const xpack *xp;
+    const float *bias;
+    float *y;
+    int8_t nf4[16];
+} mm_args;
+
+/* Output row r for all B rows of x, in tiles of TILE (<= NB_TILE) rows.
+ * ISA: 0 avx2, 1 vnni (a compile-time constant after inlining). */
+#define ROW_CASE(ROWFN, VNNI, N)                                                                   \
+    case N:                                                                                        \
+        ROWFN(F, N, qrow, srow, nblk, a->xp, b0, tab, res);                                        \
+        add_offsets(F, VNNI, N, srow, mrow, nblk, a->xp, b0, res);                                 \
+        break;
+#define DEFINE_ROW(NAME, ATTR, VNNI, TILE, ROWFN, TABT, TABINIT)                                   \
+    ATTR static ALWAYS_INLINE void NAME(quant_fmt F, const mm_args *a, size_t r) {                 \
+        const quant_layout *l = a->l;                                                              \
+        size_t nblk = l->nblk;                                                                     \
+        const uint8_t *qrow = a->base + l->q_off + r * nblk * l->code_bytes;                       \
+        const uint8_t *srow = a->base + l->scale_off + r * nblk * 2;                               \
+        const uint8_t *mrow = l->min_bytes ? a->base + l->min_off + r * nblk * 2 : NULL;           \
+        TABT tab = TABINIT;                                                                        \
+        float br = a->bias ? a->bias[r] : 0.0f;                                                    \
+        for (size_t b0 = 0; b0 < a->B; b0 += TILE) {                                               \
+            float res[NB_TILE] = {0};                                                              \
+            int nb = a->B - b0 >= TILE ? TILE : (int)(a->B - b0);                                  \
+            switch (nb) {                                                                          \
+                ROW_CASE(ROWFN, VNNI, 4)                                                           \
+                ROW_CASE(ROWFN, VNNI, 3)                                                           \
+                ROW_CASE(ROWFN, VNNI, 2)                                                           \
+            default:                                                                               \
+                ROWFN(F, 1, qrow, srow, nblk, a->xp, b0, tab, res);                                \
+                add_offsets(F, VNNI, 1, srow, mrow, nblk, a->xp, b0, res);                         \
+                break;                                                                             \
+            }                                                                                      \
+            for (int b = 0; b < nb; b++)                                                           \
+                a->y[(b0 + b) * a->out + r] = res[b] + br;                                         \
+        }                                                                                          \
     }
+
+/* tables: AVX2 signed int8 codebook; VNNI codebook + 128 as unsigned */
+DEFINE_ROW(mmrow_avx2, , 0, NB_TILE, row_avx2, __m256i,
+           _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)a->nf4)))
+DEFINE_ROW(
+    mmrow_vnni, T512, 1, NB_TILE, row_vnni, __m512i,
+    _mm512_xor_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(const void *)a->nf4)),
+                     _mm512_set1_epi8((char)0x80)))
+
+/* One function per (ISA, format) so that F is a constant inside the OpenMP
+ * body. Rows in chunks of 16 handed out dynamically: on a shared node a
+ * thread that loses its core holds back one chunk, not half the product.
+ * Neither the schedule nor the if() (no threads for tiny products) changes
+ * any result: a row is computed the same way by any thread. */
+// clang-format off
+#define DEFINE_MM(NAME, ATTR, ROW, F)                                                              \
+    ATTR static void NAME(const mm_args *a) {                                                      \
+        int par = a->out * a->in * a->B >= (1u << 16);                                             \
+        _Pragma("omp parallel for schedule(dynamic, 16) if (par)")                                 \
+        for (size_t r = 0; r < a->out; r++)                                                        \
+            ROW(F, a, r);                                                                          \
+    }
+// clang-format on
+DEFINE_MM(mm_avx2_q8, , mmrow_avx2, QUANT_Q8)
+DEFINE_MM(mm_avx2_q4, , mmrow_avx2, QUANT_Q4)
+DEFINE_MM(mm_avx2_q4a, , mmrow_avx2, QUANT_Q4A)
+DEFINE_MM(mm_avx2_nf4, , mmrow_avx2, QUANT_NF4)
+DEFINE_MM(mm_vnni_q8, T512, mmrow_vnni, QUANT_Q8)
+DEFINE_MM(mm_vnni_q4, T512, mmrow_vnni, QUANT_Q4)
+DEFINE_MM(mm_vnni_q4a, T512, mmrow_vnni, QUANT_Q4A)
+DEFINE_MM(mm_vnni_nf4, T512, mmrow_vnni, QUANT_NF4)
+
+static int have_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
-/* S (B, in/32): sums of the full blocks of each row of x. */
-static void block_sums(const float *x, size_t B, size_t in, float *S) {
-    size_t nfull = in / QUANT_BLOCK;
-    for (size_t b = 0; b < B; b++)
-        for (size_t j = 0; j < nfull; j++) {
-            const float *p = x + b * in + j * QUANT_BLOCK;
-            __m256 s =
-                _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
-                              _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
-            S[b * nfull + j] = hsum(s);
-        }
+quant_isa quant_isa_best(void) {
+    return have_vnni() ? QUANT_ISA_AVX512VNNI : QUANT_ISA_AVX2;
 }
 
-/* One function per format so that F is a constant inside the OpenMP body.
- * Static schedule over rows; the if() only avoids waking threads for tiny
- * products and does not change any result. */
-static void mm_q8(const quant_layout *l, const uint8_t *base, size_t out, size_t in, const float *x,
-                  size_t B, const float *S, const float *bias, float *y) {
-#pragma omp parallel for schedule(static) if (out * in * B >= (1u << 16))
-    for (size_t r = 0; r < out; r++)
-        matmul_row(QUANT_Q8, l, base, r, out, in, x, B, S, bias, y);
-}
-static void mm_q4(const quant_layout *l, const uint8_t *base, size_t out, size_t in, const float *x,
-                  size_t B, const float *S, const float *bias, float *y) {
-#pragma omp parallel for schedule(static) if (out * in * B >= (1u << 16))
-    for (size_t r = 0; r < out; r++)
-        matmul_row(QUANT_Q4, l, base, r, out, in, x, B, S, bias, y);
-}
-static void mm_q4a(const quant_layout *l, const uint8_t *base, size_t out, size_t in,
-                   const float *x, size_t B, const float *S, const float *bias, float *y) {
-#pragma omp parallel for schedule(static) if (out * in * B >= (1u << 16))
-    for (size_t r = 0; r < out; r++)
-        matmul_row(QUANT_Q4A, l, base, r, out, in, x, B, S, bias, y);
-}
-static void mm_nf4(const quant_layout *l, const uint8_t *base, size_t out, size_t in,
-                   const float *x, size_t B, const float *S, const float *bias, float *y) {
-#pragma omp parallel for schedule(static) if (out * in * B >= (1u << 16))
-    for (size_t r = 0; r < out; r++)
-        matmul_row(QUANT_NF4, l, base, r, out, in, x, B, S, bias, y);
-}
-
-int quant_matmul(quant_fmt f, const void *wq, size_t out, size_t in, const float *x, size_t B,
-                 const float *bias, float *y) {
+int quant_matmul_isa(quant_fmt f, quant_isa isa, const void *wq, size_t out, size_t in,
+                     const float *x, size_t B, const float *bias, float *y) {
     quant_layout l;
     int err = quant_layout_of(f, out, in, &l);
     if (err) return err;
+    if (isa == QUANT_ISA_AUTO) isa = quant_isa_best();
+    if (isa == QUANT_ISA_SCALAR) return quant_matmul_ref(f, wq, out, in, x, B, bias, y);
+    if (isa != QUANT_ISA_AVX2 && isa != QUANT_ISA_AVX512VNNI) return -EINVAL;
+    if (isa == QUANT_ISA_AVX512VNNI && !have_vnni()) return -ENOTSUP;
     if (out == 0 || B == 0) return 0;
     if (!wq || !y || (in && !x)) return -EINVAL;
-    const uint8_t *q = wq;
-    float *S = NULL; /* q4/q4a: block sums of x, (B, in/32) */
-    size_t nfull = in / QUANT_BLOCK;
-    if ((f == QUANT_Q4 || f == QUANT_Q4A) && nfull) {
-        if (B > SIZE_MAX / sizeof(float) / nfull) return -EINVAL;
-        S = malloc(B * nfull * sizeof(float));
-        if (!S) return -ENOMEM;
-        block_sums(x, B, in, S);
+    size_t nbp = (l.nblk + 7) / 8 * 8;
+    if (nbp && B > SIZE_MAX / (nbp * (QUANT_BLOCK + 9 * sizeof(float)))) return -EINVAL;
+    xpack xp = {NULL, NULL, NULL, nbp, f == QUANT_Q8 ? 8 : 4};
+    xp.q = malloc(B * nbp * QUANT_BLOCK + 1);
+    xp.dx = malloc(B * nbp * xp.lpb * sizeof(float) + 1);
+    xp.sx = malloc(B * nbp * sizeof(float) + 1);
+    if (!xp.q || !xp.dx || !xp.sx) {
+        err = -ENOMEM;
+        goto done;
     }
-    switch (f) {
-    case QUANT_Q8:
-        mm_q8(&l, q, out, in, x, B, S, bias, y);
-        break;
-    case QUANT_Q4:
-        mm_q4(&l, q, out, in, x, B, S, bias, y);
-        break;
-    case QUANT_Q4A:
-        mm_q4a(&l, q, out, in, x, B, S, bias, y);
-        break;
-    case QUANT_NF4:
-        mm_nf4(&l, q, out, in, x, B, S, bias, y);
-        break;
-    default:
-        err = -EINVAL;
-        break;
-    }
-    free(S);
+    pack_x(f != QUANT_Q8, x, B, in, &xp);
+    mm_args a = {&l, wq, out, in, B, &xp, bias, y, {0}};
+    nf4_table(a.nf4);
+    static void (*const fn[2][QUANT_NFMT])(const mm_args *) = {
+        {mm_avx2_q8, mm_avx2_q4, mm_avx2_q4a, mm_avx2_nf4},
+        {mm_vnni_q8, mm_vnni_q4, mm_vnni_q4a, mm_vnni_nf4},
+    };
+    fn[isa == QUANT_ISA_AVX512VNNI][f](&a);
+done:
+    free(xp.q);
+    free(xp.dx);
+    free(xp.sx);
     return err;
 }
 
-#else /* no AVX2/FMA/F16C: the scalar reference, one thread */
+#else /* no AVX2/FMA/F16C: the exact scalar reference, one thread */
 
-int quant_matmul(quant_fmt f, const void *wq, size_t out, size_t in, const float *x, size_t B,
-                 const float *bias, float *y) {
+quant_isa quant_isa_best(void) {
+    return QUANT_ISA_SCALAR;
+}
+
+int quant_matmul_isa(quant_fmt f, quant_isa isa, const void *wq, size_t out, size_t in,
+                     const float *x, size_t B, const float *bias, float *y) {
+    if (isa != QUANT_ISA_AUTO && isa != QUANT_ISA_SCALAR) return -ENOTSUP;
     return quant_matmul_ref(f, wq, out, in, x, B, bias, y);
 }
 
 #endif
+
+const char *quant_isa_name(quant_isa isa) {
+    switch (isa) {
+    case QUANT_ISA_SCALAR:
+        return "scalar";
+    case QUANT_ISA_AVX2:
+        return "avx2";
+    case QUANT_ISA_AVX512VNNI:
+        return "avx512vnni";
+    default:
+        return "auto";
+    }
+}
+
+int quant_matmul(quant_fmt f, const void *wq, size_t out, size_t in, const float *x, size_t B,
+                 const float *bias, float *y) {
+    return quant_matmul_isa(f, QUANT_ISA_AUTO, wq, out, in, x, B, bias, y);
+}

@@ -5,7 +5,10 @@
 # run; outputs are identical at 1 and 3 ranks and at --max-batch 1 and 8
 # (texts do not depend on the batch or the rank count); greedy text equals
 # the model's own greedy continuation (tests/unit/test_infer checks that in
-# detail); a q8 checkpoint from `mpilm quantize` serves too.
+# detail); a q8 checkpoint from `mpilm quantize` serves too. KV-cache
+# budget: a budget that holds one full-context sequence at a time still
+# completes every request with the same texts; a budget smaller than some
+# requests' prompt + max_new_tokens gives those an error line, others run.
 source tests/e2e/lib.sh
 DATA=$(test_data)
 CK=$TMP/ckpt
@@ -33,9 +36,12 @@ not json at all
 {"id": "stop", "prompt": "The ", "max_new_tokens": 20, "stop": "e"}
 EOF
 # more mixed sampled requests so batches of 8 fill up
-for i in $(seq 1 10); do
+for i in $(seq 1 50); do
     echo "{\"id\": \"m$i\", \"prompt\": \"Request $i: \", \"max_new_tokens\": $((5 + i * 3)), \"temperature\": 0.$((i % 9 + 1)), \"top_k\": $((i % 4 * 10)), \"seed\": $((100 + i))}"
 done >>"$IN"
+# short ones that fit a one-page (16-position) KV budget
+echo '{"id": "s1", "prompt": "Hi", "max_new_tokens": 6, "temperature": 0.5, "seed": 4}' >>"$IN"
+echo '{"id": "s2", "prompt": "Yes ", "max_new_tokens": 10, "temperature": 0.7, "top_k": 5, "seed": 9}' >>"$IN"
 
 serve() { # ranks out [args...]
     local n=$1 out=$2; shift 2
@@ -46,8 +52,12 @@ serve 1 "$TMP/o1.jsonl" --max-batch 8
 cat "$TMP/o1.jsonl.log"
 serve 3 "$TMP/o3.jsonl" --max-batch 8
 serve 1 "$TMP/b1.jsonl" --max-batch 1
+# KV pages of 16 positions: 8192 bytes (2 x 2 layers x 16 x 32 x 4 B); a
+# full-context sequence (32) takes 2 pages
+serve 3 "$TMP/kv1.jsonl" --max-batch 8 --kv-budget-mb 0.0157 # 2 pages
+serve 1 "$TMP/kvs.jsonl" --max-batch 8 --kv-budget-mb 0.0079 # 1 page
 
-$PY - "$IN" "$TMP/o1.jsonl" "$TMP/o3.jsonl" "$TMP/b1.jsonl" <<'PY'
+$PY - "$IN" "$TMP/o1.jsonl" "$TMP/o3.jsonl" "$TMP/b1.jsonl" "$TMP/kv1.jsonl" "$TMP/kvs.jsonl" <<'PY'
 import json, sys
 nin = sum(1 for l in open(sys.argv[1]) if l.strip())
 outs = [[json.loads(l) for l in open(p)] for p in sys.argv[2:]]
@@ -67,7 +77,8 @@ assert o[11]["id"] is None and o[11]["error"].startswith("line 13: malformed JSO
 ok = [r for r in o if "error" not in r]
 assert len(ok) == nin - 6
 for r in ok:
-    assert set(r) == {"id", "text", "tokens", "finish_reason", "timings"}, r
+    assert set(r) == {"id", "text", "tokens", "finish_reason", "model_step", "timings"}, r
+    assert r["model_step"] == 150, r
     assert set(r["timings"]) == {"prompt_ms", "decode_ms", "ttft_ms", "tokens_per_s"}
     assert r["finish_reason"] in ("length", "stop")
 assert byid["greedy"]["tokens"] == 20 and len(byid["greedy"]["text"].encode()) <= 20 * 3
@@ -77,15 +88,38 @@ st = byid["stop"]
 assert st["finish_reason"] == "stop" and not st["text"].endswith("e") or st["tokens"] == 20, st
 # greedy with a stop string is a prefix of greedy without it
 assert byid["greedy"]["text"].startswith(st["text"]), (st, byid["greedy"])
+# one-page budget: requests needing more than 16 positions fail, the others match
+kvs = outs.pop()
+sys.argv.pop()
+ins = [l for l in open(sys.argv[1]) if l.strip()]
+nfit = 0
+for line, a, b in zip(ins, o, kvs):
+    if "error" in a:
+        assert "error" in b and b["error"] == a["error"], (a, b)
+        continue
+    q = json.loads(line)
+    need = min(len(q["prompt"].encode()) + q.get("max_new_tokens", 64) - 1, 32)
+    if need > 16:
+        assert "error" in b and "KV cache" in b["error"] and "line " in b["error"], (q, b)
+    else:
+        nfit += 1
+        assert b.get("text") == a["text"], (q, a, b)
+assert 0 < nfit < len(ok), nfit
 for p, other in zip(sys.argv[3:], outs[1:]):
     a = [(r["id"], r.get("text"), r.get("tokens"), r.get("error")) for r in o]
     b = [(r["id"], r.get("text"), r.get("tokens"), r.get("error")) for r in other]
     assert a == b, f"{p} differs from 1 rank, batch 8"
-print(f"{len(ok)} completed, {len(errs)} errors; identical at 1 and 3 ranks and at batch 1")
+print(f"{len(ok)} completed, {len(errs)} errors; identical at 1 and 3 ranks, at batch 1 and "
+      f"with a one-sequence KV budget; {nfit} fit a one-page budget")
 for r in o[:4]: print(json.dumps(r)[:160])
 PY
 [[ $? -eq 0 ]] || die "serve outputs wrong"
 grep -q "latency ms: p50" "$TMP/o1.jsonl.log" || die "no summary"
+# a 2-page budget holds at most 2 sequences per replica, whatever the timing
+mb() { sed -n 's/.*mean decode batch \([0-9.]*\).*/\1/p' "$1"; }
+$PY -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); assert a <= 2.0 < b, (a, b)" \
+    "$(mb "$TMP/kv1.jsonl.log")" "$(mb "$TMP/o1.jsonl.log")" || die "the KV budget did not limit the batch"
+echo "mean decode batch: $(mb "$TMP/o1.jsonl.log") (default budget), $(mb "$TMP/kv1.jsonl.log") (2-page budget per replica)"
 
 # a q8 checkpoint serves; greedy text mostly agrees with fp32
 timeout 60 $MPIRUN -n 2 "$MPILM" quantize --ckpt "$CK" --out "$TMP/q8" --format q8 >"$TMP/q.out" 2>&1 ||

@@ -4,6 +4,9 @@
  *    (no cache), token for token, and the logits agree to ~1e-5;
  *  - the same request + seed gives the same tokens alone (batch 1) and
  *    inside a continuous batch of 8 mixed requests (and of 3);
+ *  - the step-wise batcher: requests joining a running batch at staggered
+ *    times, in reverse order, give the same tokens again; pop reports each
+ *    exactly once; infer_kv_need counts the positions a request can use;
  *  - sampling: top_k 1 and tiny top_p are greedy, the stream depends only
  *    on (seed, position), stop strings and the context limit end requests.
  */
@@ -134,6 +137,74 @@ static void test_batch_invariance(void **st) {
     gpt_destroy(g);
 }
 
+static void test_batcher_staggered(void **st) {
+    (void)st;
+    enum { N = 8 };
+    const int V = 64;
+    gpt *g = make_model(2, 2, 32, 32, V);
+    infer_engine *e = NULL;
+    infer_batcher *b = NULL;
+    char err[256];
+    assert_int_equal(infer_create(g, 4, &e, err, sizeof err), 0);
+    assert_int_equal(infer_batcher_create(e, 4, &b), 0);
+    int prompts[N][16];
+    infer_request rq[N];
+    make_requests(rq, prompts, N, V);
+    infer_result res[N], alone;
+    int seen[N] = {0}, next = N - 1, done = 0, steps = 0;
+    void *tag;
+    /* one new request every other step, newest index first, while room */
+    while (done < N) {
+        if (next >= 0 && steps % 2 == 0 && infer_batcher_free_slots(b) > 0) {
+            assert_true(infer_batcher_add(b, &rq[next], &res[next], 0, &seen[next]) >= 0);
+            next--;
+        }
+        assert_true(infer_batcher_running(b) <= 4);
+        assert_int_equal(infer_batcher_step(b), 0);
+        steps++;
+        while (infer_batcher_pop(b, &tag)) {
+            (*(int *)tag)++;
+            done++;
+        }
+        assert_true(steps < 1000);
+    }
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(seen[i], 1);
+        assert_int_equal(infer_run(e, &rq[i], 1, &alone, 1, 0), 0);
+        assert_int_equal(res[i].n_tokens, alone.n_tokens);
+        assert_memory_equal(res[i].tokens, alone.tokens, alone.n_tokens * sizeof(int));
+        infer_result_free(&alone);
+        infer_result_free(&res[i]);
+    }
+    /* KV need: prompt + max_new - 1 positions, capped at the context, in
+     * pages of 16 positions */
+    const gpt_config *c = gpt_cfg(g);
+    size_t per = 2 * (size_t)c->n_layer * c->n_embd * sizeof(float), page = 16 * per;
+    assert_int_equal(infer_kv_need(c, 5, 10), page);
+    assert_int_equal(infer_kv_need(c, 5, 1), page);
+    assert_int_equal(infer_kv_need(c, 15, 3), 2 * page);
+    assert_int_equal(infer_kv_need(c, 30, 100), 2 * page);
+    assert_int_equal(4 * infer_kv_need(c, 32, 1), infer_kv_bytes(e));
+    infer_batcher_destroy(b);
+    infer_destroy(e);
+    /* a pool of 2 pages for 4 slots: the memory is the budget; a prefill
+     * without a free page fails, a released sequence gives its pages back */
+    assert_int_equal(infer_create_kv(g, 4, 2 * page + 100, &e, err, sizeof err), 0);
+    assert_int_equal(infer_kv_bytes(e), 2 * page);
+    int p20[20] = {0};
+    assert_int_equal(infer_prefill(e, 0, p20, 20), 0);
+    assert_int_equal(infer_prefill(e, 1, p20, 1), -1);
+    infer_release(e, 0);
+    assert_int_equal(infer_pos(e, 0), 0);
+    assert_int_equal(infer_prefill(e, 1, p20, 16), 0);
+    assert_int_equal(infer_prefill(e, 2, p20, 16), 0);
+    int sl[1] = {1}, tk[1] = {3};
+    assert_int_equal(infer_decode(e, 1, sl, tk), -1); /* position 16 needs a third page */
+    infer_destroy(e);
+    assert_int_equal(infer_create_kv(g, 4, page - 1, &e, err, sizeof err), -1);
+    gpt_destroy(g);
+}
+
 static void test_sampling(void **st) {
     (void)st;
     float lg[50];
@@ -205,6 +276,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy_matches_full_forward),
         cmocka_unit_test(test_batch_invariance),
+        cmocka_unit_test(test_batcher_staggered),
         cmocka_unit_test(test_sampling),
         cmocka_unit_test(test_stop_and_context),
     };
