@@ -18,6 +18,8 @@
  * Reads are timed cold: files are fsync'ed, then posix_fadvise(DONTNEED)
  * drops their pages, and the table shows the fraction still resident (mincore)
  * just before the read. A VM's host may still cache the virtual disk.
+ * After each table: where io/ckpt's time goes (ckpt_stats phases, the
+ * slowest rank's, median) and how many collective MPI-IO calls it made.
  * Each figure is the median of --reps runs; the methods take turns inside a
  * repetition, starting at a different one each time, so background load and
  * order effects spread evenly. GB = 1e9 bytes.
@@ -84,6 +86,16 @@ static const struct {
     {"fpr_vds_load", "fpr+VDS load own rows via main file, cold", 1},
 };
 
+/* ckpt_stats phases, in the order printed */
+#define NPHASE 7
+static const char *const phase_name[NPHASE] = {"prep",  "hash",   "create", "xfer",
+                                               "close", "commit", "total"};
+
+static void phases_of(const ckpt_stats *s, double *v) {
+    double x[NPHASE] = {s->prep, s->hash, s->create, s->xfer, s->close, s->commit, s->total};
+    memcpy(v, x, sizeof x);
+}
+
 typedef struct {
     MPI_Comm comm;
     int rank, p, reps, keep;
@@ -103,6 +115,10 @@ typedef struct {
     double t[NOPS][MAXREPS];
     double resident[NOPS]; /* max fraction of the file cached before a read */
     int have[NOPS];
+    /* phase times of ckpt_save and cold ckpt_load: [save/load][phase][rep],
+     * the slowest rank's; calls: collective MPI-IO transfers per save/load */
+    double ph[2][NPHASE][MAXREPS];
+    int calls[2];
 } bcase;
 
 /* ---------------------------------------------------------------- helpers */
@@ -715,18 +731,30 @@ static int run_method(bctx *c, bcase *k, int m, int rep, char *chunk, char *rbuf
     case 3: { /* io/ckpt */
         ckpt_meta meta = {.step = step, .layout = {c->p, 1, 1}, .seed = 1, .config = "bench"}, got;
         ckpt_save_opts so = {.keep_last = 0, .keep_every = 0, .fault_rank = -1, .fault_after = -1};
+        ckpt_stats st = {0};
+        double v[NPHASE], vmax[NPHASE];
         t0 = now_sync(comm);
-        rc = ckpt_save(comm, ck, k->save, k->nt, &meta, &so, c->err, sizeof c->err);
+        rc = ckpt_save_timed(comm, ck, k->save, k->nt, &meta, &so, &st, c->err, sizeof c->err);
         if (agree(c, rc, "ckpt_save")) return -1;
         record(k, W_CKPT, rep, now_sync(comm) - t0, 0);
+        phases_of(&st, v);
+        MPI_Reduce(v, vmax, NPHASE, MPI_DOUBLE, MPI_MAX, 0, comm);
+        for (int ph = 0; ph < NPHASE; ph++)
+            k->ph[0][ph][rep] = vmax[ph];
+        k->calls[0] = st.calls;
         snprintf(file, sizeof file, "%s/step-%08lld/checkpoint.h5", ck, step);
         for (int warm = 0; warm < 2; warm++) {
             res = warm ? resident_path(file) : drop_cache(comm, file);
             memset(k->dst, 0, k->own * sizeof(float));
             t0 = now_sync(comm);
-            rc = ckpt_load(comm, file, k->load, k->nt, &got, c->err, sizeof c->err);
+            rc = ckpt_load_timed(comm, file, k->load, k->nt, &got, &st, c->err, sizeof c->err);
             if (agree(c, rc, "ckpt_load")) return -1;
             record(k, warm ? R_CKPT_WARM : R_CKPT, rep, now_sync(comm) - t0, res);
+            phases_of(&st, v);
+            MPI_Reduce(v, vmax, NPHASE, MPI_DOUBLE, MPI_MAX, 0, comm);
+            for (int ph = 0; !warm && ph < NPHASE; ph++)
+                k->ph[1][ph][rep] = vmax[ph];
+            k->calls[1] = st.calls;
             free(got.config);
             if (check_equal(c, k->src, k->dst, k->own, "ckpt_load")) return -1;
         }
@@ -845,6 +873,16 @@ static void report(bctx *c, bcase *k, FILE *csv) {
         if (csv)
             fprintf(csv, "%s.%s,%d,%llu,%.6f,%.4f,%.4f\n", k->name, ops[o].key, c->p,
                     (unsigned long long)k->bytes, med[o], gbps[o], ratio);
+    }
+    /* where the time of io/ckpt goes: each phase's slowest rank, median */
+    for (int w = 0; w < 2; w++) {
+        printf("  %-44s", w ? "ckpt_load cold, phases (s, slowest rank)"
+                            : "ckpt_save phases (s, slowest rank)");
+        for (int ph = 0; ph < NPHASE; ph++) {
+            if (w && (ph == 2 || ph == 4 || ph == 5)) continue; /* save-only phases */
+            printf(" %s %.4f", phase_name[ph], median(k->ph[w][ph], c->reps));
+        }
+        printf(" | %d collective MPI-IO call%s\n", k->calls[w], k->calls[w] == 1 ? "" : "s");
     }
 }
 

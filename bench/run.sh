@@ -51,7 +51,7 @@ echo
 echo "== ckpt: checkpoint save/load GB/s (io/ckpt) vs raw disk bandwidth of the same directory, 1, 2, 4 ranks"
 rm -f "$OUT/ckpt.csv"
 for n in 1 2 4; do
-    OMP_NUM_THREADS=1 $MPIRUN -n $n $MPILM bench ckpt --reps ${CKPT_REPS:-3} \
+    OMP_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1 $MPIRUN -n $n $MPILM bench ckpt --reps ${CKPT_REPS:-3} \
         --size-mb ${CKPT_MB:-1024} ${CKPT_DIR:+--dir "$CKPT_DIR"} --csv "$OUT/ckpt.csv"
 done
 if command -v gnuplot >/dev/null; then

@@ -1,10 +1,11 @@
 /* qckpt: writer and reader of quantized checkpoints (layout in io/qckpt.h).
  *
- * The writer follows io/ckpt: one shared file written with collective
- * MPI-IO (every rank creates every dataset; the owner of a tensor selects
- * all of it, the others select nothing), checksums agreed over ranks, and
- * the .tmp-then-rename commit. The reader is independent per rank (a
- * quantized model is small and every rank needs all of it to evaluate).
+ * The writer is io/ckpt's: ckpt_begin (step-N.tmp, free-space check),
+ * h5u_write_dsets (every rank creates every dataset; the owner of a tensor
+ * selects all of it, the others nothing; one collective transfer; checksums
+ * agreed in one reduction), ckpt_write_attrs and ckpt_finish (close, fsync,
+ * rename, latest). The reader is independent per rank (a quantized model is
+ * small and every rank needs all of it to evaluate).
  */
 #include "io/qckpt.h"
 
@@ -13,14 +14,11 @@
 #include "kernels/quant.h"
 
 #include <dirent.h>
-#include <errno.h>
 #include <hdf5.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/statvfs.h>
 #include <unistd.h>
 
 /* Prefixes err with "PATH: dataset /NAME: " unless it already names PATH. */
@@ -28,8 +26,10 @@ static void name_it(char *err, size_t errlen, const char *path, const char *ds) 
     if (strstr(err, path)) return;
     char why[1024];
     snprintf(why, sizeof why, "%s", err);
-    if (ds) snprintf(err, errlen, "%s: dataset /%s: %s", path, ds, why);
-    else snprintf(err, errlen, "%s: %s", path, why);
+    if (ds)
+        snprintf(err, errlen, "%s: dataset /%s: %s", path, ds, why);
+    else
+        snprintf(err, errlen, "%s: %s", path, why);
 }
 
 uint64_t qckpt_hash(const void *x, size_t n, int bytes, uint64_t first) {
@@ -85,83 +85,92 @@ int qckpt_out_check(const char *root, int force, char *err, size_t errlen) {
 
 /* ---- writer --------------------------------------------------------------------- */
 
-/* Collective: one dataset of shape dims (ndim 1 or 2), written whole by
- * `owner` from buf, with its checksum attribute. hash_bytes: 4 = float
- * (ckpt_hash), 1 or 2 = qckpt_hash. */
-static int write_ds(hid_t loc, hid_t lcpl, hid_t dxpl, const char *name, hid_t ftype, int ndim,
-                    const hsize_t *dims, const void *buf, int owner, int hash_bytes,
-                    MPI_Comm comm, char *err, size_t errlen) {
-    int rank, rc = -1;
-    MPI_Comm_rank(comm, &rank);
-    hid_t sp = -1, d = -1;
-    hsize_t n = dims[0] * (ndim == 2 ? dims[1] : 1);
-    int mine = rank == owner;
-    int ok = !H5_CHECK(sp = H5Screate_simple(ndim, dims, NULL)) &&
-             !H5_CHECK(d = H5Dcreate2(loc, name, ftype, sp, lcpl, H5P_DEFAULT, H5P_DEFAULT));
-    if (ok && !mine) ok = !H5_CHECK(H5Sselect_none(sp));
-    if (h5u_agree(comm, !ok, err, errlen)) goto done;
-    /* the memory space equals the file selection: all of it, or nothing */
-    static const char dummy[8];
-    ok = !H5_CHECK(H5Dwrite(d, ftype, sp, sp, dxpl, mine ? buf : (const void *)dummy));
-    if (h5u_agree(comm, !ok, err, errlen)) goto done;
-    uint64_t part = 0, sum = 0;
-    if (mine)
-        part = hash_bytes == 4 ? ckpt_hash(buf, (size_t)n, 0)
-                               : qckpt_hash(buf, (size_t)n, hash_bytes, 0);
-    MPI_Allreduce(&part, &sum, 1, MPI_UINT64_T, MPI_SUM, comm);
-    ok = !H5_CHECK(h5u_attr_write(d, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, 1, &sum));
-    rc = h5u_agree(comm, !ok, err, errlen);
-done:
-    if (d >= 0) H5Dclose(d);
-    if (sp >= 0) H5Sclose(sp);
-    return rc;
+/* Collective: the /qmodel/<name> group of every quantized tensor with its
+ * attributes (metadata only, the same calls on every rank). */
+static int write_groups(hid_t file, hid_t lcpl, const qckpt_tensor *t, int nt, char *err,
+                        size_t errlen) {
+    for (int i = 0; i < nt; i++) {
+        if (t[i].fmt == QCKPT_FP32) continue;
+        quant_fmt f = (quant_fmt)t[i].fmt;
+        char path[256];
+        snprintf(path, sizeof path, "qmodel/%s", t[i].name);
+        long long shape[2] = {(long long)t[i].rows, (long long)t[i].cols};
+        int block = QUANT_BLOCK;
+        hid_t g = -1;
+        int bad = H5_CHECK(g = H5Gcreate2(file, path, lcpl, H5P_DEFAULT, H5P_DEFAULT)) ||
+                  H5_CHECK(h5u_attr_write_str(g, "format", quant_fmt_name(f))) ||
+                  H5_CHECK(h5u_attr_write(g, "shape", H5T_STD_I64LE, H5T_NATIVE_LLONG, 2, shape)) ||
+                  H5_CHECK(h5u_attr_write(g, "block", H5T_STD_I32LE, H5T_NATIVE_INT, 1, &block));
+        if (g >= 0) H5Gclose(g);
+        if (bad) {
+            name_it(err, errlen, path, NULL);
+            return -1;
+        }
+    }
+    return 0;
 }
 
-/* Collective: tensor t as /model/<name> or the /qmodel/<name> group. */
-static int write_tensor(hid_t file, hid_t lcpl, hid_t dxpl, hid_t f16, const qckpt_tensor *t,
-                        MPI_Comm comm, char *err, size_t errlen) {
-    char path[256];
-    int rank;
-    MPI_Comm_rank(comm, &rank);
-    if (t->fmt == QCKPT_FP32) {
-        hsize_t dims[2] = {t->rows, t->cols};
-        snprintf(path, sizeof path, "model/%s", t->name);
-        return write_ds(file, lcpl, dxpl, path, H5T_IEEE_F32LE, t->ndim, dims, t->data, t->owner,
-                        4, comm, err, errlen);
+/* One whole dataset: all of it on the owner (mine), nothing elsewhere. */
+static h5u_dset whole(const char *name, hid_t ftype, int ndim, uint64_t rows, uint64_t cols,
+                      const void *buf, int mine) {
+    h5u_dset d = {
+        .name = name, .ftype = ftype, .ndim = ndim, .rows = rows, .cols = cols, .data = buf};
+    if (mine) d.sel = (h5u_sel){.nseg = 1, .row0 = {0}, .nrows = {rows}, .col0 = 0, .ncols = cols};
+    return d;
+}
+
+/* h5u_hash_fn: the owner's hash of a whole dataset: ckpt_hash of floats,
+ * qckpt_hash of 1- and 2-byte elements. */
+static uint64_t whole_hash(const h5u_dset *d, void *arg) {
+    (void)arg;
+    if (!d->sel.nseg) return 0;
+    size_t n = (size_t)(d->rows * d->cols), es = H5Tget_size(d->ftype);
+    return es == 4 ? ckpt_hash(d->data, n, 0) : qckpt_hash(d->data, n, (int)es, 0);
+}
+
+/* The datasets of tensors t[0..nt) (up to 3 each) into d, their names into
+ * names[] (malloc'ed); first[i] = index in d of t[i]'s first dataset.
+ * Returns how many, or -1 with a message. */
+static int dset_list(const qckpt_tensor *t, int nt, int rank, hid_t f16, h5u_dset *d, char **names,
+                     int *first, char *err, size_t errlen) {
+    int n = 0;
+    for (int i = 0; i < nt; i++) {
+        int mine = rank == t[i].owner;
+        char path[256];
+        first[i] = n;
+        if (t[i].fmt == QCKPT_FP32) {
+            snprintf(path, sizeof path, "model/%s", t[i].name);
+            if (!(names[n] = strdup(path))) goto oom;
+            d[n] =
+                whole(names[n], H5T_IEEE_F32LE, t[i].ndim, t[i].rows, t[i].cols, t[i].data, mine);
+            n++;
+            continue;
+        }
+        quant_fmt f = (quant_fmt)t[i].fmt;
+        quant_layout l;
+        if (t[i].ndim != 2 || quant_layout_of(f, t[i].rows, t[i].cols, &l) != 0) {
+            snprintf(err, errlen, "cannot store tensor %s as %s", t[i].name,
+                     quant_fmt_name(f) ? quant_fmt_name(f) : "?");
+            return -1;
+        }
+        const uint8_t *b = t[i].data;
+        static const char *const part[3] = {"q", "scale", "min"};
+        for (int k = 0; k < (l.min_bytes ? 3 : 2); k++) {
+            snprintf(path, sizeof path, "qmodel/%s/%s", t[i].name, part[k]);
+            if (!(names[n] = strdup(path))) goto oom;
+            if (k == 0)
+                d[n] = whole(names[n], f == QUANT_Q8 ? H5T_STD_I8LE : H5T_STD_U8LE, 2, t[i].rows,
+                             l.nblk * l.code_bytes, mine ? b + l.q_off : NULL, mine);
+            else
+                d[n] = whole(names[n], f16, 2, t[i].rows, l.nblk,
+                             mine ? b + (k == 1 ? l.scale_off : l.min_off) : NULL, mine);
+            n++;
+        }
     }
-    quant_fmt f = (quant_fmt)t->fmt;
-    quant_layout l;
-    if (t->ndim != 2 || quant_layout_of(f, t->rows, t->cols, &l) != 0) {
-        snprintf(err, errlen, "cannot store tensor %s as %s", t->name,
-                 quant_fmt_name(f) ? quant_fmt_name(f) : "?");
-        return h5u_agree(comm, 1, err, errlen);
-    }
-    hid_t g = -1;
-    int rc = -1;
-    snprintf(path, sizeof path, "qmodel/%s", t->name);
-    if (h5u_agree(comm, H5_CHECK(g = H5Gcreate2(file, path, lcpl, H5P_DEFAULT, H5P_DEFAULT)), err,
-              errlen))
-        goto done;
-    long long shape[2] = {(long long)t->rows, (long long)t->cols};
-    int block = QUANT_BLOCK;
-    int bad = H5_CHECK(h5u_attr_write_str(g, "format", quant_fmt_name(f))) ||
-              H5_CHECK(h5u_attr_write(g, "shape", H5T_STD_I64LE, H5T_NATIVE_LLONG, 2, shape)) ||
-              H5_CHECK(h5u_attr_write(g, "block", H5T_STD_I32LE, H5T_NATIVE_INT, 1, &block));
-    if (h5u_agree(comm, bad, err, errlen)) goto done;
-    const uint8_t *b = t->data;
-    int mine = rank == t->owner;
-    hsize_t qd[2] = {t->rows, l.nblk * l.code_bytes}, sd[2] = {t->rows, l.nblk};
-    if (write_ds(g, lcpl, dxpl, "q", f == QUANT_Q8 ? H5T_STD_I8LE : H5T_STD_U8LE, 2, qd,
-                 mine ? b + l.q_off : NULL, t->owner, 1, comm, err, errlen) ||
-        write_ds(g, lcpl, dxpl, "scale", f16, 2, sd, mine ? b + l.scale_off : NULL, t->owner, 2,
-                 comm, err, errlen) ||
-        (l.min_bytes && write_ds(g, lcpl, dxpl, "min", f16, 2, sd, mine ? b + l.min_off : NULL,
-                                 t->owner, 2, comm, err, errlen)))
-        goto done;
-    rc = 0;
-done:
-    if (g >= 0) H5Gclose(g);
-    return rc;
+    return n;
+oom:
+    snprintf(err, errlen, "out of memory for the dataset list");
+    return -1;
 }
 
 /* The root `quant` attribute (JSON). malloc'ed. */
@@ -179,10 +188,9 @@ static char *quant_json(const qckpt_tensor *t, int nt) {
         "\"formats\": {",
         QCKPT_VERSION, QUANT_BLOCK);
     for (int i = 0; i < nt && used < cap; i++)
-        used += (size_t)snprintf(s + used, cap - used, "%s\"%s\": \"%s\"", i ? ", " : "",
-                                 t[i].name,
-                                 t[i].fmt == QCKPT_FP32 ? "fp32"
-                                                        : quant_fmt_name((quant_fmt)t[i].fmt));
+        used +=
+            (size_t)snprintf(s + used, cap - used, "%s\"%s\": \"%s\"", i ? ", " : "", t[i].name,
+                             t[i].fmt == QCKPT_FP32 ? "fp32" : quant_fmt_name((quant_fmt)t[i].fmt));
     if (used < cap) snprintf(s + used, cap - used, "}}");
     return s;
 }
@@ -191,110 +199,65 @@ int qckpt_save(MPI_Comm comm, const char *root, const qckpt_tensor *t, int nt,
                const ckpt_meta *meta, const qckpt_save_opts *opts, char *err, size_t errlen) {
     int rank, rc = 0, all = 0;
     MPI_Comm_rank(comm, &rank);
-    char tmp[4096], fin[4096], path[4200];
-    snprintf(tmp, sizeof tmp, "%s/step-%08lld.tmp", root, meta->step);
-    snprintf(fin, sizeof fin, "%s/step-%08lld", root, meta->step);
-    snprintf(path, sizeof path, "%s/checkpoint.h5", tmp);
+    char path[4200];
     err[0] = 0;
-    if (rank == 0) {
-        double need = 64.0 * 1024;
-        for (int i = 0; i < nt; i++) need += (double)t[i].rows * t[i].cols * 4 + 4096;
-        struct statvfs vfs;
-        rc = qckpt_out_check(root, opts->force, err, errlen);
-        if (rc == 0) {
-            fs_rm_rf(tmp);
-            if (fs_mkdirs(root) != 0 || mkdir(tmp, 0755) != 0) {
-                snprintf(err, errlen, "%s: cannot create checkpoint directory: %s", tmp,
-                         strerror(errno));
-                rc = -1;
-            } else if (statvfs(tmp, &vfs) == 0 && (double)vfs.f_bavail * vfs.f_frsize < need) {
-                snprintf(err, errlen, "%s: not enough free space (%.1f MiB needed)", tmp,
-                         need / 1048576.0);
-                fs_rm_rf(tmp);
-                rc = -1;
-            }
-        }
-    }
+    if (rank == 0) rc = qckpt_out_check(root, opts->force, err, errlen);
     MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
     if (all) {
         if (rank != 0) snprintf(err, errlen, "rank 0 could not prepare the output");
         return -1;
     }
+    double need = 64.0 * 1024;
+    for (int i = 0; i < nt; i++)
+        need += (double)t[i].rows * t[i].cols * 4 + 4096;
+    if (ckpt_begin(comm, root, meta->step, need, path, sizeof path, err, errlen)) return -1;
 
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    hid_t fapl = -1, file = -1, lcpl = -1, dxpl = -1, f16 = -1;
-    char *qj = NULL;
+    hid_t fapl = -1, file = -1, lcpl = -1, f16 = -1;
+    char *qj = NULL, **names = calloc(3 * (size_t)nt + 1, sizeof *names);
+    h5u_dset *d = calloc(3 * (size_t)nt + 1, sizeof *d);
+    int *first = calloc((size_t)nt + 1, sizeof *first), nd = -1;
     rc = -1;
+    if (!names || !d || !first)
+        snprintf(err, errlen, "out of memory for %d tensors", nt);
+    else if (!H5_CHECK(f16 = fp16_type()))
+        nd = dset_list(t, nt, rank, f16, d, names, first, err, errlen);
+    if (h5u_agree(comm, nd < 0, err, errlen)) goto close;
     if (H5_CHECK(fapl = h5u_fapl(comm))) goto close;
     file = H5Fcreate(path, H5F_ACC_EXCL, H5P_DEFAULT, fapl);
     if (h5u_agree(comm, file < 0 ? h5u_fail("H5Fcreate", __FILE__, __LINE__, err, errlen) : 0, err,
-              errlen))
+                  errlen))
         goto close;
-    if (H5_CHECK(lcpl = H5Pcreate(H5P_LINK_CREATE)) ||
-        H5_CHECK(H5Pset_create_intermediate_group(lcpl, 1)) ||
-        H5_CHECK(dxpl = H5Pcreate(H5P_DATASET_XFER)) ||
-        H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE)) || H5_CHECK(f16 = fp16_type()))
+    if (h5u_agree(comm,
+                  H5_CHECK(lcpl = H5Pcreate(H5P_LINK_CREATE)) ||
+                      H5_CHECK(H5Pset_create_intermediate_group(lcpl, 1)) ||
+                      write_groups(file, lcpl, t, nt, err, errlen),
+                  err, errlen))
         goto close;
-    for (int i = 0; i < nt; i++) {
-        if (opts->fault_rank == rank && opts->fault_after == i) raise(SIGKILL);
-        if (write_tensor(file, lcpl, dxpl, f16, &t[i], comm, err, errlen)) {
-            char ds[200];
-            snprintf(ds, sizeof ds, "%s/%s", t[i].fmt == QCKPT_FP32 ? "model" : "qmodel",
-                     t[i].name);
-            name_it(err, errlen, path, ds);
-            goto close;
-        }
-    }
+    /* fault injection counts tensors: kill before the first dataset of
+     * tensor fault_after */
+    int kill = opts->fault_rank == rank && opts->fault_after >= 0
+                   ? (opts->fault_after < nt ? first[opts->fault_after] : nd)
+                   : -1;
+    if (h5u_write_dsets(comm, file, fapl, d, nd, whole_hash, NULL, kill, NULL, err, errlen))
+        goto close;
     qj = quant_json(t, nt);
-    long long ver = CKPT_FORMAT_VERSION;
-    int bad = !qj || H5_CHECK(h5u_attr_write_str(file, "format", CKPT_FORMAT)) ||
-        H5_CHECK(h5u_attr_write(file, "format_version", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &ver)) ||
-        H5_CHECK(h5u_attr_write(file, "step", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->step)) ||
-        H5_CHECK(h5u_attr_write(file, "tokens_seen", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1,
-                            &meta->tokens_seen)) ||
-        H5_CHECK(h5u_attr_write(file, "layout", H5T_STD_I32LE, H5T_NATIVE_INT, 3, meta->layout)) ||
-        H5_CHECK(h5u_attr_write(file, "optim_t", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->optim_t)) ||
-        H5_CHECK(h5u_attr_write(file, "seed", H5T_STD_I64LE, H5T_NATIVE_LLONG, 1, &meta->seed)) ||
-        H5_CHECK(h5u_attr_write_str(file, "config", meta->config ? meta->config : "")) ||
-        H5_CHECK(h5u_attr_write_str(file, "quant", qj));
+    int bad = !qj || ckpt_write_attrs(file, meta, err, errlen) ||
+              H5_CHECK(h5u_attr_write_str(file, "quant", qj));
     if (h5u_agree(comm, bad, err, errlen)) goto close;
     rc = 0;
 close:
     free(qj);
+    for (int i = 0; names && i < 3 * nt; i++)
+        free(names[i]);
+    free(names);
+    free(d);
+    free(first);
     if (f16 >= 0) H5Tclose(f16);
-    if (dxpl >= 0) H5Pclose(dxpl);
     if (lcpl >= 0) H5Pclose(lcpl);
-    if (rc && file >= 0) {
-        /* as ckpt_save: the file cannot be closed after a failed collective
-         * write; remove the partial step and let the caller abort */
-        if (rank == 0) fs_rm_rf(tmp);
-        name_it(err, errlen, path, NULL);
-        return CKPT_ERR_FATAL;
-    }
-    if (file >= 0 && H5Fclose(file) < 0 && rc == 0)
-        rc = h5u_fail("H5Fclose", __FILE__, __LINE__, err, errlen);
-    if (rc) name_it(err, errlen, path, NULL);
+    rc = ckpt_finish(comm, root, meta->step, file, rc, 0, 0, NULL, err, errlen);
     if (fapl >= 0) H5Pclose(fapl);
-    MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
-    if (all == 0 && rank == 0) {
-        char latest[4200], ltmp[4200], name[64];
-        snprintf(latest, sizeof latest, "%s/latest", root);
-        snprintf(ltmp, sizeof ltmp, "%s/.latest.tmp", root);
-        snprintf(name, sizeof name, "step-%08lld", meta->step);
-        FILE *f = NULL;
-        fs_rm_rf(fin); /* --force: a same-step directory is replaced */
-        if (fs_fsync_path(path) != 0 || rename(tmp, fin) != 0 || fs_fsync_path(root) != 0 ||
-            !(f = fopen(ltmp, "w")) || fprintf(f, "%s\n", name) < 0 || fflush(f) != 0 ||
-            fsync(fileno(f)) != 0 || fclose(f) != 0 || (f = NULL, rename(ltmp, latest) != 0) ||
-            fs_fsync_path(root) != 0) {
-            if (f) fclose(f);
-            snprintf(err, errlen, "%s: cannot commit checkpoint: %s", fin, strerror(errno));
-            rc = -1;
-        }
-    }
-    if (all != 0 && rank == 0) fs_rm_rf(tmp);
-    MPI_Allreduce(&rc, &all, 1, MPI_INT, MPI_MIN, comm);
-    return all ? -1 : 0;
+    return rc;
 }
 
 /* ---- reader ---------------------------------------------------------------------- */
@@ -313,9 +276,9 @@ int qckpt_is_quantized(const char *file) {
 
 /* Reads a whole dataset of `want_nd` dims equal to want[] into buf with
  * memory type mtype and checks its checksum. */
-static int read_ds(hid_t loc, const char *fname, const char *dsname, const char *name,
-                   hid_t mtype, int want_nd, const hsize_t *want, void *buf, int hash_bytes,
-                   char *err, size_t errlen) {
+static int read_ds(hid_t loc, const char *fname, const char *dsname, const char *name, hid_t mtype,
+                   int want_nd, const hsize_t *want, void *buf, int hash_bytes, char *err,
+                   size_t errlen) {
     hid_t d = -1, sp = -1;
     int rc = -1;
     hsize_t dims[2] = {0, 1};
@@ -323,8 +286,7 @@ static int read_ds(hid_t loc, const char *fname, const char *dsname, const char 
         snprintf(err, errlen, "%s: dataset /%s is missing", fname, dsname);
         return -1;
     }
-    if (H5_CHECK(d = H5Dopen2(loc, name, H5P_DEFAULT)) || H5_CHECK(sp = H5Dget_space(d)))
-        goto done;
+    if (H5_CHECK(d = H5Dopen2(loc, name, H5P_DEFAULT)) || H5_CHECK(sp = H5Dget_space(d))) goto done;
     int nd = H5Sget_simple_extent_ndims(sp);
     if (nd != want_nd || H5Sget_simple_extent_dims(sp, dims, NULL) < 0 || dims[0] != want[0] ||
         (nd == 2 && dims[1] != want[1])) {
@@ -389,8 +351,8 @@ static int load_one(hid_t file, hid_t f16, const char *fname, ckpt_tensor *t, ch
         free(fmt_s);
         if (t->ndim != 2 || (uint64_t)shape[0] != t->rows || (uint64_t)shape[1] != t->cols) {
             snprintf(err, errlen,
-                     "%s: group /%s has shape (%lld, %lld), the model expects (%llu, %llu)",
-                     fname, qpath, shape[0], shape[1], (unsigned long long)t->rows,
+                     "%s: group /%s has shape (%lld, %lld), the model expects (%llu, %llu)", fname,
+                     qpath, shape[0], shape[1], (unsigned long long)t->rows,
                      (unsigned long long)t->cols);
             goto done;
         }
@@ -449,7 +411,8 @@ int qckpt_load_model(MPI_Comm comm, const char *fname, ckpt_tensor *t, int nt, c
         rc = -1;
     }
     if (rc == 0 && H5_CHECK(f16 = fp16_type())) rc = -1;
-    for (int i = 0; rc == 0 && i < nt; i++) rc = load_one(file, f16, fname, &t[i], err, errlen);
+    for (int i = 0; rc == 0 && i < nt; i++)
+        rc = load_one(file, f16, fname, &t[i], err, errlen);
     if (f16 >= 0) H5Tclose(f16);
     if (file >= 0) H5Fclose(file);
     int all = 0, bad = rc != 0;

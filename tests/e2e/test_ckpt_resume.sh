@@ -2,7 +2,9 @@
 # Resume: a run restarted from its step-10 checkpoint continues with losses
 # bit-identical to the uninterrupted run (same layout), and within 1e-5 on
 # another rank count. An independent reader (h5py) finds every tensor with
-# its global shape and the values of the model.
+# its global shape and the values of the model. A byte flipped where a
+# tensor- or pipeline-parallel rank must read data it does not keep (only to
+# verify its share of the checksum) is still caught on load.
 source tests/e2e/lib.sh
 DATA=$(test_data)
 ck() { echo "checkpoint: {dir: $1, every: 10, keep_last: 5}"; }
@@ -52,4 +54,31 @@ ln = f["model/h.0.ln_1.weight"][...]
 assert np.all(np.isfinite(ln)) and not np.allclose(ln, 1.0), "LayerNorm weight never trained?"
 print("h5py: %d model tensors with global shapes, step %d, layout %s" % (n, f.attrs["step"], list(f.attrs["layout"])))
 PY
+
+# Load verifies whole tensors whatever each rank keeps: with tp=2 rank 0 keeps
+# columns [0, 2C) of mlp.proj.weight [C, 4C] but hashes all columns of the
+# first rows; with pp=2 stage 0 keeps layer 0 but hashes half the rows of
+# layer 1. Flip a byte in exactly such a place: the resume must fail.
+for case in "tp h.0.mlp.proj.weight 100" "pp h.1.attn.proj.weight 1"; do
+    set -- $case
+    for corrupt in 0 1; do
+        d=$TMP/c$1$corrupt; mkdir -p "$d/ckpt"
+        cp -r "$TMP/a/ckpt/step-00000010" "$d/ckpt/"; echo step-00000010 >"$d/ckpt/latest"
+        [[ $corrupt -eq 1 ]] && $PY - "$d/ckpt/step-00000010/checkpoint.h5" "model/$2" "$3" <<'PY'
+import sys, h5py
+f = h5py.File(sys.argv[1], "r"); off = f[sys.argv[2]].id.get_offset(); f.close()
+with open(sys.argv[1], "r+b") as g:   # element (row 0, col $3) of the float32 tensor
+    g.seek(off + 4 * int(sys.argv[3])); b = g.read(1); g.seek(off + 4 * int(sys.argv[3])); g.write(bytes([b[0] ^ 0x10]))
+PY
+        write_job "$d.yaml" "$DATA" "$d" "$(ck "$d/ckpt")"
+        rc=0; timeout 120 $MPIRUN -n 2 "$MPILM" train "$d.yaml" --set parallel.$1=2 --set train.steps=12 >"$d.out" 2>&1 || rc=$?
+        if [[ $corrupt -eq 0 ]]; then
+            [[ $rc -eq 0 ]] && grep -q "resumed from" "$d.out" || { cat "$d.out"; die "$1=2: clean resume failed"; }
+        else
+            [[ $rc -ne 0 && $rc -ne 124 ]] || { cat "$d.out"; die "$1=2: corrupt checkpoint loaded (exit $rc)"; }
+            grep -q "dataset /model/$2 is corrupt" "$d.out" || { cat "$d.out"; die "$1=2: corruption not named"; }
+        fi
+    done
+    echo "$1=2: a flipped byte in /model/$2 outside rank 0's shard is caught on load"
+done
 echo "resume and reshard ok"
