@@ -147,6 +147,46 @@ if command -v gnuplot >/dev/null; then
 fi
 
 echo
+echo "== serve: decode tokens/s and per-step latency by weight format and batch (fp32, q8, q4, nf4;"
+echo "   batch 1, 8, 32), small and large (150M, weights from DRAM) model, 1 rank x 2 threads and"
+echo "   2 ranks x 1 thread (replicas, aggregate tokens/s)"
+rm -f "$OUT/serve.csv"
+$MPILM bench serve --tokens ${SERVE_TOKENS:-24} --csv "$OUT/serve.csv"
+OMP_NUM_THREADS=1 $MPIRUN -n 2 $MPILM bench serve --tokens ${SERVE_TOKENS:-24} --csv "$OUT/serve.csv"
+if command -v gnuplot >/dev/null; then
+    # per model: one row per (ranks, batch), one column of tokens/s per format
+    for m in small large; do
+        awk -F, -v m="$m" 'NR > 1 && $1 == m {
+                k = $3 "r B" $6; if (!(k in seen)) { seen[k] = 1; keys[++n] = k }
+                v[k "," $5] = $8 }
+            END { for (i = 1; i <= n; i++) {
+                      line = "\"" keys[i] "\""
+                      split("fp32 q8 q4 nf4", f, " ")
+                      for (j = 1; j <= 4; j++) line = line " " ((keys[i] "," f[j]) in v ? v[keys[i] "," f[j]] : "-")
+                      print line } }' "$OUT/serve.csv" >"$OUT/serve-$m.dat"
+    done
+    gnuplot <<GP
+set terminal pngcairo size 1200,900
+set output "$OUT/serve.png"
+set datafile missing "-"
+set style data histograms
+set style histogram clustered
+set style fill solid 0.8
+set logscale y
+set grid ytics
+set ylabel "decode tokens/s (all ranks)"
+set key top left
+set multiplot layout 2,1
+set title "small model (jobs/small.yaml shape, 4.9M parameters): decode tokens/s by ranks, batch and format"
+plot for [c=2:5] "$OUT/serve-small.dat" using c:xtic(1) title word("fp32 q8 q4 nf4", c-1)
+set title "large model (12 x 1024, 152M parameters, 600 MB fp32): decode tokens/s by ranks, batch and format"
+plot for [c=2:5] "$OUT/serve-large.dat" using c:xtic(1) title word("fp32 q8 q4 nf4", c-1)
+unset multiplot
+GP
+    echo "plot: $OUT/serve.png"
+fi
+
+echo
 echo "== compress: gradient compressors (mpilm bench compress): one bucket (--micro) and training steps"
 # timed runs hold the machine's bench lock (not again when the caller holds it)
 cx_lock() { if [[ -n ${MPILM_BENCH_LOCKED:-} ]]; then "$@"; else MPILM_BENCH_LOCKED=1 flock /tmp/mpilm-bench.lock "$@"; fi; }
@@ -192,4 +232,11 @@ if command -v gnuplot >/dev/null && [[ -s $OUT/compress.csv ]]; then
         echo "unset multiplot"
     } | gnuplot
     echo "plot: $OUT/compress.png"
+fi
+
+if [[ ${CX_EMU:-1} != 0 ]] && ip netns add mpilm-ovl-probe$$ >/dev/null 2>&1; then
+    ip netns del mpilm-ovl-probe$$
+    echo
+    echo "== overlap: comm.overlap off/on, jobs/small.yaml at dp=2 over an emulated 1 Gbit/s link"
+    cx_lock env MPILM="$PWD/$MPILM" bash bench/overlap.sh 3
 fi
