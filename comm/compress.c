@@ -12,6 +12,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "comm/topo.h"
 #include "kernels/quant.h"
 
 #ifdef __F16C__
@@ -68,6 +69,7 @@ void comm_cx_opts_default(comm_cx_opts *o) {
     o->seed = 1;
     o->block = 256;
     o->stochastic = 1;
+    o->node_aware = 1;
 }
 
 /* ---- random stream (splitmix64 finalizer, as src/rng.c; counter based) -- */
@@ -627,6 +629,15 @@ struct comm_cx {
     size_t cand_cap;
     float *qt;  /* powersgd: one Q transposed, r x max cols */
     double *qd; /* powersgd: Q accumulators, r x max cols */
+    /* node-aware quantizer exchange (hier): node = this node's ranks,
+     * inter = the ranks of the same local rank on every node; this rank
+     * reduces segment nl (local rank); clo holds every segment's N + 1
+     * chunk bounds */
+    int hier, nq, nl, nn, ni;
+    MPI_Comm node, inter;
+    size_t cbase; /* clo index of the own segment's chunks */
+    int *seg;     /* q float counts, q displacements, the same in encoded bytes */
+    uint64_t node_total;
 };
 
 static double tnow(void) {
@@ -660,7 +671,7 @@ void comm_cx_phase_reset(comm_cx *cx) {
 }
 
 static size_t chunk_lo(const comm_cx *cx, int j) {
-    return cx->clo[j];
+    return cx->clo[cx->cbase + (size_t)j];
 }
 
 static int ps_ok(const comm_cx_opts *o, size_t r, size_t c) {
@@ -682,8 +693,61 @@ double comm_cx_model_bytes(const comm_cx *cx, int compressed) {
         return 2.0 * (p - 1) / p * 4.0 * el;
     }
     default:
+        if (cx->hier) { /* compressed between nodes on 1/q; inside the node
+                         * dense reduce-scatter, compressed all-gather */
+            double N = cx->nn, q = cx->nq;
+            double e = (double)comm_cx_encoded_bytes(cx->o.type, cx->n, cx->o.block);
+            return 2.0 * (N - 1) / N * e / q + (q - 1) / q * (4.0 * n + e);
+        }
         return 2.0 * (p - 1) / p * (double)comm_cx_encoded_bytes(cx->o.type, cx->n, cx->o.block);
     }
+}
+
+static int fits_int(size_t v) {
+    return v <= (size_t)INT_MAX;
+}
+
+/* Node layout for the node-aware exchange (collective over cx->comm):
+ * sets cx->hier when there are N > 1 nodes of equal size q > 1. */
+static int hier_setup(comm_cx *cx, const int *node_of_rank) {
+    int err = 0, p = cx->size, nn = 0;
+    int *nodes = malloc((size_t)p * sizeof *nodes), *cnt = calloc((size_t)p, sizeof *cnt);
+    if (!nodes || !cnt) {
+        free(nodes), free(cnt); /* same size everywhere: every rank fails */
+        return FAIL(COMM_ERR_NOMEM, "out of memory");
+    }
+    if (node_of_rank) {
+        /* must be identical on all ranks: compare a hash (min == max) */
+        unsigned long h[2] = {0, 0};
+        for (int i = 0; i < p; i++)
+            h[0] = h[0] * 1000003UL + (unsigned long)(unsigned)node_of_rank[i];
+        h[1] = ~h[0];
+        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, h, 2, MPI_UNSIGNED_LONG, MPI_MIN, cx->comm));
+        if (h[0] != ~h[1]) {
+            err = FAIL(COMM_ERR_ARG, "node_of_rank differs between ranks");
+            goto done;
+        }
+        memcpy(nodes, node_of_rank, (size_t)p * sizeof *nodes);
+        nn = comm_topo_canonical(nodes, p);
+    } else if ((err = comm_topo_groups(cx->comm, COMM_TOPO_SHARED, nodes, &nn))) {
+        goto done;
+    }
+    for (int i = 0; i < p; i++)
+        cnt[nodes[i]]++;
+    int q = cnt[0], equal = 1;
+    for (int k = 1; k < nn; k++)
+        equal &= cnt[k] == q;
+    if (nn < 2 || q < 2 || !equal) goto done; /* flat */
+    MPI_CHECK(MPI_Comm_split(cx->comm, nodes[cx->rank], cx->rank, &cx->node));
+    MPI_CHECK(MPI_Comm_set_errhandler(cx->node, MPI_ERRORS_RETURN));
+    MPI_CHECK(MPI_Comm_rank(cx->node, &cx->nl));
+    MPI_CHECK(MPI_Comm_split(cx->comm, cx->nl, cx->rank, &cx->inter));
+    MPI_CHECK(MPI_Comm_set_errhandler(cx->inter, MPI_ERRORS_RETURN));
+    MPI_CHECK(MPI_Comm_rank(cx->inter, &cx->ni));
+    cx->hier = 1, cx->nq = q, cx->nn = nn;
+done:
+    free(nodes), free(cnt);
+    return err;
 }
 
 int comm_cx_create(MPI_Comm comm, const comm_cx_opts *opts, size_t count, comm_cx **out) {
@@ -703,9 +767,12 @@ int comm_cx_create(MPI_Comm comm, const comm_cx_opts *opts, size_t count, comm_c
         return FAIL(COMM_ERR_ARG, "powersgd rank %d < 1", o->rank);
     if (!(o->min_ratio >= 1) || o->block < 1 || o->warmup_steps < 0 ||
         (o->error_feedback != 0 && o->error_feedback != 1) ||
-        (o->stochastic != 0 && o->stochastic != 1))
-        return FAIL(COMM_ERR_ARG, "bad min_ratio %g / block %zu / warmup %d / error_feedback %d",
-                    o->min_ratio, o->block, o->warmup_steps, o->error_feedback);
+        (o->stochastic != 0 && o->stochastic != 1) || (o->node_aware != 0 && o->node_aware != 1))
+        return FAIL(COMM_ERR_ARG,
+                    "bad min_ratio %g / block %zu / warmup %d / error_feedback %d / stochastic %d "
+                    "/ node_aware %d",
+                    o->min_ratio, o->block, o->warmup_steps, o->error_feedback, o->stochastic,
+                    o->node_aware);
     size_t mat_end = 0;
     if (o->type == COMM_CX_POWERSGD) {
         if (o->n_mats && (!o->mat_rows || !o->mat_cols))
@@ -721,7 +788,8 @@ int comm_cx_create(MPI_Comm comm, const comm_cx_opts *opts, size_t count, comm_c
     cx->o = *o;
     cx->o.mat_rows = cx->o.mat_cols = NULL;
     cx->n = count;
-    cx->comm = MPI_COMM_NULL;
+    cx->comm = cx->node = cx->inter = MPI_COMM_NULL;
+    cx->o.node_of_rank = NULL;
     cx->rank = 0, cx->size = 1;
     cx->last_mode = "none";
     if (comm != MPI_COMM_NULL) {
@@ -739,19 +807,45 @@ int comm_cx_create(MPI_Comm comm, const comm_cx_opts *opts, size_t count, comm_c
         cx->compress =
             4.0 * (double)n >= o->min_ratio * (double)comm_cx_encoded_bytes(t, n, o->block) &&
             n > 0;
-        size_t B = o->block, nb = (n + B - 1) / B, per = (nb + (size_t)p - 1) / (size_t)p;
-        cx->clo = malloc(((size_t)p + 1) * sizeof *cx->clo);
-        if (!cx->clo) goto nomem;
-        for (int j = 0; j <= p; j++) {
-            size_t lo = (size_t)j * per * B;
-            cx->clo[j] = lo < n ? lo : n;
+        size_t B = o->block, nb = (n + B - 1) / B;
+        if (p > 1 && o->node_aware && (err = hier_setup(cx, o->node_of_rank))) goto done;
+        int pc = cx->hier ? cx->nn : p, mc = cx->hier ? cx->ni : cx->rank;
+        int q = cx->hier ? cx->nq : 1;
+        size_t ps = (nb + (size_t)q - 1) / (size_t)q, maxc = 0, allb = 0;
+        /* flat: one segment, the whole buffer, in p chunks of whole blocks;
+         * node-aware: q segments of whole blocks (one per local rank), each
+         * in N chunks of whole blocks (one per node); clo holds them all */
+        cx->clo = malloc((size_t)q * ((size_t)pc + 1) * sizeof *cx->clo);
+        if (!cx->clo || (cx->hier && !(cx->seg = malloc(4 * (size_t)q * sizeof(int))))) goto nomem;
+        for (int l = 0; l < q; l++) {
+            size_t a = (size_t)l * ps * B, b = a + ps * B;
+            a = a < n ? a : n, b = b < n ? b : n;
+            size_t sb = (b - a + B - 1) / B, per = (sb + (size_t)pc - 1) / (size_t)pc, eb = 0;
+            size_t *c = cx->clo + (size_t)l * ((size_t)pc + 1);
+            for (int j = 0; j <= pc; j++) {
+                size_t lo = a + (size_t)j * per * B;
+                c[j] = lo < b ? lo : b;
+                if (j) eb += comm_cx_encoded_bytes(t, c[j] - c[j - 1], B);
+            }
+            if (per * B > maxc) maxc = per * B;
+            if (cx->hier) {
+                if (!fits_int(b) || !fits_int(allb + eb)) {
+                    err = FAIL(COMM_ERR_ARG, "bucket too large for one message (%zu)", n);
+                    goto done;
+                }
+                /* floats: counts, displacements; encoded bytes: the same */
+                cx->seg[l] = (int)(b - a), cx->seg[q + l] = (int)a;
+                cx->seg[2 * q + l] = (int)eb, cx->seg[3 * q + l] = (int)allb;
+            }
+            allb += eb;
         }
-        size_t own = cx->clo[cx->rank + 1] - cx->clo[cx->rank];
+        cx->cbase = cx->hier ? (size_t)cx->nl * ((size_t)pc + 1) : 0;
+        size_t own = chunk_lo(cx, mc + 1) - chunk_lo(cx, mc);
         if (p > 1) cx->res_len = n + own;
         cx->sbuf_len = comm_cx_encoded_bytes(t, n, B) + (size_t)p * sizeof(float);
-        size_t maxc = per * B;
-        size_t rb1 = (size_t)p * comm_cx_encoded_bytes(t, maxc, B);
+        size_t rb1 = (size_t)pc * comm_cx_encoded_bytes(t, maxc, B);
         cx->rbuf_len = rb1 > cx->sbuf_len ? rb1 : cx->sbuf_len;
+        if (allb > cx->rbuf_len) cx->rbuf_len = allb;
         if (!(cx->cnt = malloc(4 * (size_t)p * sizeof(int)))) goto nomem;
     } else if (t == COMM_CX_TOPK) {
         cx->k = (size_t)ceil(o->ratio * (double)n);
@@ -819,6 +913,9 @@ done:
 void comm_cx_destroy(comm_cx *cx) {
     if (!cx) return;
     if (cx->comm != MPI_COMM_NULL) MPI_Comm_free(&cx->comm);
+    if (cx->node != MPI_COMM_NULL) MPI_Comm_free(&cx->node);
+    if (cx->inter != MPI_COMM_NULL) MPI_Comm_free(&cx->inter);
+    free(cx->seg);
     free(cx->mrows), free(cx->mcols), free(cx->mat_on), free(cx->clo);
     free(cx->res), free(cx->work), free(cx->sbuf), free(cx->rbuf);
     free(cx->q), free(cx->qloc), free(cx->pq);
@@ -839,6 +936,12 @@ const char *comm_cx_last_mode(const comm_cx *cx) {
 }
 uint64_t comm_cx_total_bytes(const comm_cx *cx) {
     return cx->total;
+}
+uint64_t comm_cx_node_bytes(const comm_cx *cx) {
+    return cx->node_total;
+}
+int comm_cx_node_aware(const comm_cx *cx) {
+    return cx->hier;
 }
 
 float *comm_cx_residual(comm_cx *cx, size_t *len) {
@@ -880,31 +983,44 @@ done:
     return err;
 }
 
-static int fits_int(size_t v) {
-    return v <= (size_t)INT_MAX;
-}
-
 /* Quantizer / cast exchange: compressed reduce-scatter + all-gather. One
  * pass per stage over the buffer: the error-feedback sum, the encoding and
- * the new residual are fused, and so are decoding and summing. */
+ * the new residual are fused, and so are decoding and summing. Node-aware
+ * (cx->hier): the node's dense sum of the own segment first (into work),
+ * the compressed exchange of that segment among the ranks of the same local
+ * rank (chunks clo[] inside the segment), the encoded segments all-gathered
+ * inside the node and decoded last. */
 static int coded_ar(comm_cx *cx, float *g, int step, comm_op op, uint64_t *bytes) {
-    int err = 0, p = cx->size, me = cx->rank;
+    int err = 0, hier = cx->hier;
+    int p = hier ? cx->nn : cx->size, me = hier ? cx->ni : cx->rank;
+    MPI_Comm comm = hier ? cx->inter : cx->comm;
     comm_cx_type t = cx->o.type;
     size_t B = cx->o.block, n = cx->n;
+    size_t lo0 = chunk_lo(cx, 0), hi0 = chunk_lo(cx, p);
     int ef = cx->o.error_feedback, sr = cx->o.stochastic;
     int *sc = cx->cnt, *sd = sc + p, *rc = sd + p, *rd = rc + p;
     float *acc = cx->work;
     double tl = tnow();
+    const float *src = g;
+    if (hier) {
+        /* node sum of every segment, segment nl into work[seg] */
+        MPI_CHECK(MPI_Reduce_scatter(g, acc + lo0, cx->seg, MPI_FLOAT, MPI_SUM, cx->node));
+        /* ring-equivalent: every segment but the own one leaves this rank */
+        uint64_t nb = (uint64_t)(n - (hi0 - lo0)) * sizeof(float);
+        *bytes += nb, cx->node_total += nb;
+        src = acc;
+        lap(cx, COMM_CX_PH_DENSE, &tl);
+    }
     /* x = g + residual; the residual becomes x - decoded(x) in the encoder */
-    const float *x = g;
+    const float *x = src;
     if (ef) {
-        for (size_t i = 0; i < n; i++)
-            acc[i] = g[i] + cx->res[i];
+        for (size_t i = lo0; i < hi0; i++)
+            acc[i] = src[i] + cx->res[i];
         x = acc;
     }
 
-    /* stage 1: encode every chunk */
-    uint64_t key1 = comm_cx_stream_key(cx->o.seed, step, me, 1);
+    /* stage 1: encode every chunk (random streams keyed by the global rank) */
+    uint64_t key1 = comm_cx_stream_key(cx->o.seed, step, cx->rank, 1);
     if (p == 1) {
         encode_res(t, x, n, B, key1, 0, sr, cx->sbuf, g, ef ? cx->res : NULL);
         lap(cx, COMM_CX_PH_ENCODE, &tl);
@@ -927,7 +1043,7 @@ static int coded_ar(comm_cx *cx, float *g, int step, comm_op op, uint64_t *bytes
         off += nbytes;
     }
     lap(cx, COMM_CX_PH_ENCODE, &tl);
-    MPI_CHECK(MPI_Alltoallv(cx->sbuf, sc, sd, MPI_BYTE, cx->rbuf, rc, rd, MPI_BYTE, cx->comm));
+    MPI_CHECK(MPI_Alltoallv(cx->sbuf, sc, sd, MPI_BYTE, cx->rbuf, rc, rd, MPI_BYTE, comm));
     lap(cx, COMM_CX_PH_ALLTOALLV, &tl);
 
     /* owner: decode the p messages in rank order, summing as it goes */
@@ -937,7 +1053,7 @@ static int coded_ar(comm_cx *cx, float *g, int step, comm_op op, uint64_t *bytes
     float *sres = cx->res + n;
     if (op == COMM_AVG)
         for (size_t i = 0; i < own; i++)
-            sum[i] /= (float)p;
+            sum[i] /= (float)cx->size;
     if (ef)
         for (size_t i = 0; i < own; i++)
             sum[i] += sres[i];
@@ -947,7 +1063,7 @@ static int coded_ar(comm_cx *cx, float *g, int step, comm_op op, uint64_t *bytes
      * absmax/(2L-1) (stochastic rounding of one broadcast message gains
      * nothing from averaging, and its residual wandered ~10x larger for
      * int2); without error feedback it stays unbiased */
-    uint64_t key2 = comm_cx_stream_key(cx->o.seed, step, me, 2);
+    uint64_t key2 = comm_cx_stream_key(cx->o.seed, step, cx->rank, 2);
     encode_res(t, sum, own, B, key2, own_lo, ef ? 0 : sr, cx->sbuf, NULL, ef ? sres : NULL);
     off = 0;
     for (int j = 0; j < p; j++) {
@@ -958,11 +1074,33 @@ static int coded_ar(comm_cx *cx, float *g, int step, comm_op op, uint64_t *bytes
     /* ring-equivalent: a ring all-gather sends every block but the next rank's */
     *bytes += off - (size_t)rc[(me + 1) % p];
     lap(cx, COMM_CX_PH_REENCODE, &tl);
-    MPI_CHECK(MPI_Allgatherv(cx->sbuf, (int)own_b, MPI_BYTE, cx->rbuf, rc, rd, MPI_BYTE, cx->comm));
+    MPI_CHECK(MPI_Allgatherv(cx->sbuf, (int)own_b, MPI_BYTE, cx->rbuf, rc, rd, MPI_BYTE, comm));
     lap(cx, COMM_CX_PH_ALLGATHERV, &tl);
-    for (int j = 0; j < p; j++) {
-        size_t lo = chunk_lo(cx, j), len = chunk_lo(cx, j + 1) - lo;
-        decode_add(t, cx->rbuf + rd[j], len, B, g + lo, 0);
+    if (!hier) {
+        for (int j = 0; j < p; j++) {
+            size_t lo = chunk_lo(cx, j), len = chunk_lo(cx, j + 1) - lo;
+            decode_add(t, cx->rbuf + rd[j], len, B, g + lo, 0);
+        }
+        lap(cx, COMM_CX_PH_DECODE, &tl);
+        return 0;
+    }
+    /* node-aware: the encoded segments (the same bytes on every node) to all
+     * local ranks, which all decode the whole buffer from them */
+    int q = cx->nq, *sbc = cx->seg + 2 * q, *sbd = sbc + q;
+    memmove(cx->rbuf + sbd[cx->nl], cx->rbuf, (size_t)sbc[cx->nl]);
+    MPI_CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_BYTE, cx->rbuf, sbc, sbd, MPI_BYTE, cx->node));
+    /* ring-equivalent, as above */
+    uint64_t nb = (uint64_t)(sbd[q - 1] + sbc[q - 1] - sbc[(cx->nl + 1) % q]);
+    *bytes += nb, cx->node_total += nb;
+    lap(cx, COMM_CX_PH_DENSE, &tl);
+    for (int l = 0; l < q; l++) {
+        const size_t *c = cx->clo + (size_t)l * ((size_t)p + 1);
+        size_t boff = (size_t)sbd[l];
+        for (int j = 0; j < p; j++) {
+            size_t len = c[j + 1] - c[j];
+            decode_add(t, cx->rbuf + boff, len, B, g + c[j], 0);
+            boff += comm_cx_encoded_bytes(t, len, B);
+        }
     }
     lap(cx, COMM_CX_PH_DECODE, &tl);
 done:

@@ -44,6 +44,20 @@
  * chunks and decode them. Bytes sent: 2 (p-1)/p x compressed size, i.e. the
  * dense ring all-reduce divided by the compression ratio.
  *
+ * Node-aware exchange of the quantizers (node_aware, default on; used when
+ * the communicator spans N > 1 nodes of q > 1 ranks each, equal sizes):
+ * a dense MPI_Reduce_scatter inside the node leaves local rank l with the
+ * node's sum of segment l (1/q of the buffer, whole blocks); the ranks with
+ * local rank l on all nodes run the compressed reduce-scatter + all-gather
+ * above on that segment (error feedback on the node sum: this rank's
+ * residual lives in its segment); an MPI_Allgatherv inside the node
+ * spreads the encoded segments and every rank decodes the whole buffer
+ * from the same bytes. Bytes on the inter-node links: q times fewer per
+ * node than the flat exchange; bytes sent per rank add the intra-node
+ * (q-1)/q (4n + compressed size) (comm_cx_node_bytes). Nodes: opts.node_of_rank,
+ * or MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) (comm/topo.h; on the
+ * emulated cluster each network namespace is its own host).
+ *
  * Result: the SUM or AVG (comm_op) of all ranks' compressed gradients,
  * bitwise identical on every rank (each value is decoded from the same
  * messages in the same order everywhere, or computed by one rank and sent).
@@ -123,6 +137,13 @@ typedef struct {
      * are copied at create. */
     size_t n_mats;
     const size_t *mat_rows, *mat_cols;
+    /* quantizers: 1 (default) node-aware exchange where the layout allows
+     * (see above), 0 flat over all ranks */
+    int node_aware;
+    /* node id of every rank of the communicator (any labels, the same on
+     * all ranks; copied at create), e.g. to test the node-aware path on one
+     * host; NULL: MPI's shared-memory split */
+    const int *node_of_rank;
 } comm_cx_opts;
 
 /* Fills the defaults above (type none). */
@@ -160,12 +181,18 @@ int comm_cx_compresses(const comm_cx *cx);
 const char *comm_cx_last_mode(const comm_cx *cx);
 uint64_t comm_cx_total_bytes(const comm_cx *cx);
 double comm_cx_model_bytes(const comm_cx *cx, int compressed);
+/* Local: of comm_cx_total_bytes, those sent inside the node (node-aware
+ * exchange's dense reduce-scatter / all-gather); whether the node-aware
+ * exchange is in use (0 flat). */
+uint64_t comm_cx_node_bytes(const comm_cx *cx);
+int comm_cx_node_aware(const comm_cx *cx);
 
 /* Error-feedback residual for checkpoints: *len floats, writable (restore by
  * copying into it). Layout: count elements of this rank's residual, then
  * (quantizers, p > 1) the residual of the chunk this rank reduces, which
- * depends on the rank count: when resuming with another layout, restore
- * only the first count elements and zero the rest. */
+ * depends on the rank count (node-aware: the first count elements are zero
+ * outside this rank's segment, the chunk is of the segment): when resuming with another layout,
+ * restore only the first count elements and zero the rest. */
 float *comm_cx_residual(comm_cx *cx, size_t *len);
 /* PowerSGD's warm-start Q matrices (cols x r each, concatenated), the same
  * on all ranks; *len == 0 and NULL for other types. Writable. */
@@ -178,7 +205,8 @@ float *comm_cx_state(comm_cx *cx, size_t *len);
  * decode; topk: select (error feedback + selection), allgather,
  * scatter_add; powersgd: matmul (P = M Q, Q = M^T P, P Q^T, residual),
  * orthonormalize, allreduce_p, allreduce_q; dense: warm-up / fallback
- * all-reduce. Collective phases include the wait for slower ranks. */
+ * all-reduce and the node-aware intra-node reduce-scatter / all-gather.
+ * Collective phases include the wait for slower ranks. */
 typedef enum {
     COMM_CX_PH_ENCODE,
     COMM_CX_PH_ALLTOALLV,

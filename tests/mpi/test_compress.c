@@ -69,6 +69,7 @@ static comm_cx *make(comm_cx_type t, size_t n, void (*tweak)(comm_cx_opts *)) {
     comm_cx_opts o;
     comm_cx_opts_default(&o);
     o.type = t;
+    o.node_aware = 0; /* flat unless asked: the expected bytes assume it */
     if (tweak) tweak(&o);
     comm_cx *cx = NULL;
     int rc = comm_cx_create(MPI_COMM_WORLD, &o, n, &cx);
@@ -389,6 +390,165 @@ static void test_error_feedback(void **st) {
     }
 }
 
+/* ---- node-aware exchange (fake node split) ---------------------------------------- */
+
+/* Node layouts given through opts.node_of_rank, so the node-aware path runs
+ * on one host: at p = 4 two nodes of two ranks, blocked {0,0,1,1} and
+ * interleaved {0,1,0,1}; other rank counts have no equal nodes of > 1 rank
+ * and must stay flat. Bound at step 0: stage 1 quantizes each node's dense
+ * sum (adds < absmax_b(node sum)/L per node to the sum), stage 2 as flat. */
+static int g_nodes[4];
+static void tw_nodes(comm_cx_opts *o) {
+    o->node_of_rank = g_nodes, o->node_aware = 1;
+}
+static void tw_nodes_nearest(comm_cx_opts *o) {
+    o->node_of_rank = g_nodes, o->node_aware = 1, o->stochastic = 0;
+}
+
+static void node_case(comm_cx_type t, int L, int want_hier) {
+    const char *name = comm_cx_type_name(t);
+    size_t n = N, B = 256;
+    int nn = 0;
+    for (int r = 0; r < size; r++)
+        nn = g_nodes[r] + 1 > nn ? g_nodes[r] + 1 : nn;
+    comm_cx *cx = make(t, n, tw_nodes);
+    agree(comm_cx_node_aware(cx) != want_hier, "node-aware mode chosen");
+    float *g = malloc(n * sizeof *g);
+    double *avg = calloc(n, sizeof *avg), *ns = calloc(n * (size_t)nn, sizeof *ns);
+    double *ms = calloc(n, sizeof *ms), *mabs = calloc(n, sizeof *mabs);
+    for (int r = 0; r < size; r++)
+        for (size_t i = 0; i < n; i++) {
+            avg[i] += val(r, i, 0) / (double)size;
+            ns[(size_t)g_nodes[r] * n + i] += val(r, i, 0);
+        }
+    /* per node: stage-1 scale of the node sum; flat: per rank as coded_case */
+    int src = want_hier ? nn : size;
+    for (int k = 0; k < src; k++)
+        for (size_t b0 = 0; b0 < n; b0 += B) {
+            size_t b1 = b0 + B < n ? b0 + B : n;
+            double amax = 0;
+            for (size_t i = b0; i < b1; i++) {
+                double v = want_hier ? ns[(size_t)k * n + i] : val(k, i, 0);
+                amax = fmax(amax, fabs(v));
+            }
+            for (size_t i = b0; i < b1; i++) {
+                double v = want_hier ? ns[(size_t)k * n + i] : val(k, i, 0);
+                ms[i] += (L ? amax / L : 0) / size;
+                mabs[i] += fabs(v) / size;
+            }
+        }
+    for (size_t i = 0; i < n; i++)
+        g[i] = val(rank, i, 0);
+    uint64_t bytes = 0;
+    agree(comm_cx_allreduce(cx, g, n, 0, COMM_AVG, &bytes) != 0, name);
+    agree(identical(g, n, name), "node-aware identical on all ranks");
+    int bad = 0;
+    double worst = 0;
+    for (size_t b0 = 0; b0 < n && !bad; b0 += B) {
+        size_t b1 = b0 + B < n ? b0 + B : n;
+        double amax = 0;
+        for (size_t i = b0; i < b1; i++)
+            amax = fmax(amax, fabs(avg[i]));
+        for (size_t i = b0; i < b1 && !bad; i++) {
+            double e = fabs(g[i] - avg[i]), bound;
+            if (L)
+                bound = ms[i] + (size > 1 ? (amax + ms[i]) / L : 0);
+            else {
+                double u = t == COMM_CX_FP16 ? 0x1p-11 : 0x1p-8;
+                bound = u * mabs[i] + (size > 1 ? u * (fabs(avg[i]) + u * mabs[i]) : 0) + 0x1p-24;
+            }
+            /* the node sums are fp32 sums: a few ulps of the addends */
+            bound = bound * (1 + 1e-5) + 1e-6 * mabs[i] + 1e-12;
+            if (e > bound) {
+                fprintf(stderr, "rank %d: %s node-aware [%zu] = %g, avg %g, error %g > %g\n", rank,
+                        name, i, g[i], avg[i], e, bound);
+                bad = 1;
+            }
+            if (e / bound > worst) worst = e / bound;
+        }
+    }
+    agree(bad, "node-aware error bound");
+    /* bytes: compressed 1/q of the buffer between nodes, dense inside */
+    uint64_t tot = 0, nb = comm_cx_node_bytes(cx), ntot = 0;
+    MPI_Allreduce(&bytes, &tot, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(&nb, &ntot, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+    double mean = (double)tot / size, nmean = (double)ntot / size;
+    double want = comm_cx_model_bytes(cx, 1);
+    if (want_hier) {
+        int q = size / nn;
+        /* dense reduce-scatter, all-gather of the encoded segments */
+        double wn = (q - 1.0) / q * (4.0 * (double)n + (double)comm_cx_encoded_bytes(t, n, B));
+        double inter = 2.0 * (nn - 1) / nn * comm_cx_encoded_bytes(t, n / (size_t)q, B);
+        bad = fabs(nmean - wn) > 0.01 * wn + 64 || fabs(mean - (wn + inter)) > 0.01 * want + 64 ||
+              fabs(mean - want) > 0.01 * want + 64;
+    } else {
+        bad = nb != 0 || fabs(mean - want) > 0.01 * want + 64;
+    }
+    if (bad)
+        fprintf(stderr, "rank %d: %s node-aware bytes %lu (mean %.0f, node %.0f), model %.0f\n",
+                rank, name, (unsigned long)bytes, mean, nmean, want);
+    agree(bad, "node-aware bytes");
+    if (rank == 0)
+        printf("# p=%d nodes=%d %-5s node-aware %d: max error / bound %.3f, bytes/rank %.0f "
+               "(intra-node %.0f)\n",
+               size, nn, name, want_hier, worst, mean, nmean);
+    comm_cx_destroy(cx);
+    free(g), free(avg), free(ns), free(ms), free(mabs);
+}
+
+/* error feedback through the node-aware path: the sum of 100 averages of a
+ * fixed gradient approaches 100 x the dense average */
+static void node_ef_case(comm_cx_type t, int nearest, double tol) {
+    size_t n = 4099;
+    const int T = 100;
+    comm_cx *cx = make(t, n, nearest ? tw_nodes_nearest : tw_nodes);
+    float *g = malloc(n * 4);
+    double *acc = calloc(n, 8), *avg = calloc(n, 8);
+    for (int r = 0; r < size; r++)
+        for (size_t i = 0; i < n; i++)
+            avg[i] += (double)val(r, i, 0) / size;
+    for (int s = 0; s < T; s++) {
+        for (size_t i = 0; i < n; i++)
+            g[i] = val(rank, i, 0);
+        agree(comm_cx_allreduce(cx, g, n, s, COMM_AVG, NULL) != 0, "node ef");
+        for (size_t i = 0; i < n; i++)
+            acc[i] += g[i];
+    }
+    agree(identical(g, n, "node ef"), "node ef identical");
+    double e = 0, a = 0;
+    for (size_t i = 0; i < n; i++)
+        e += (acc[i] - T * avg[i]) * (acc[i] - T * avg[i]), a += T * avg[i] * T * avg[i];
+    double rel = sqrt(e / a);
+    if (rank == 0)
+        printf("# p=%d %s%s node-aware %d error feedback: relative error of the sum of %d "
+               "averages %.2e\n",
+               size, comm_cx_type_name(t), nearest ? " (nearest)" : "", comm_cx_node_aware(cx), T,
+               rel);
+    agree(!(rel < tol), "node-aware error feedback converges");
+    /* the residual covers the whole state: its length as documented */
+    size_t len = 0;
+    comm_cx_residual(cx, &len);
+    agree(len < n, "residual length");
+    comm_cx_destroy(cx);
+    free(g), free(acc), free(avg);
+}
+
+static void test_node_aware(void **st) {
+    (void)st;
+    static const int layouts[2][4] = {{0, 0, 1, 1}, {0, 1, 0, 1}};
+    for (int l = 0; l < 2; l++) {
+        memcpy(g_nodes, layouts[l], sizeof g_nodes);
+        int hier = size == 4; /* p = 2: nodes of 1 rank; p = 3: unequal */
+        comm_cx_type types[] = {COMM_CX_FP16, COMM_CX_BF16, COMM_CX_INT8, COMM_CX_INT4,
+                                COMM_CX_INT2};
+        const int Ls[] = {0, 0, 127, 7, 1};
+        for (int k = 0; k < 5; k++)
+            node_case(types[k], Ls[k], hier);
+        node_ef_case(COMM_CX_INT4, 0, 0.01);
+        node_ef_case(COMM_CX_INT2, 1, 0.05);
+    }
+}
+
 static int setup(void **state) {
     (void)state;
     return comm_ar_create(MPI_COMM_WORLD, NULL, &g_ar);
@@ -414,6 +574,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_powersgd_ar),
         cmocka_unit_test(test_warmup_min_ratio),
         cmocka_unit_test(test_error_feedback),
+        cmocka_unit_test(test_node_aware),
     };
     int failed = cmocka_run_group_tests(tests, setup, teardown);
     MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);

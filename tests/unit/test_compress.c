@@ -99,11 +99,19 @@ static void test_option_errors(void **st) {
     assert_int_equal(comm_cx_create(MPI_COMM_NULL, &o, 10, &cx), COMM_ERR_ARG); /* 16 > 10 */
     o.type = (comm_cx_type)99;
     assert_int_equal(comm_cx_create(MPI_COMM_NULL, &o, 10, &cx), COMM_ERR_ARG);
+    comm_cx_opts_default(&o);
+    o.type = COMM_CX_INT4, o.node_aware = 2;
+    assert_int_equal(comm_cx_create(MPI_COMM_NULL, &o, 10, &cx), COMM_ERR_ARG);
+    /* node-aware is on by default but needs several nodes: a local context is flat */
+    comm_cx_opts_default(&o);
+    assert_int_equal(o.node_aware, 1);
     /* wrong count at call time */
     cx = local_cx(COMM_CX_INT8, 10, 1, NULL);
+    assert_int_equal(comm_cx_node_aware(cx), 0);
     float g[11] = {0};
     assert_int_equal(comm_cx_allreduce(cx, g, 11, 0, COMM_AVG, NULL), COMM_ERR_ARG);
     assert_int_equal(comm_cx_allreduce(cx, g, 10, 0, (comm_op)7, NULL), COMM_ERR_ARG);
+    assert_int_equal(comm_cx_node_bytes(cx), 0);
     comm_cx_destroy(cx);
     comm_cx_destroy(NULL);
 }
