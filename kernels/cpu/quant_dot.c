@@ -42,6 +42,8 @@
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 /* rows of x per pass over a weight row (8 for VNNI measured no faster) */
 #define NB_TILE 4
+/* weight rows per tile in the VNNI path (32 zmm registers) */
+#define NR_TILE 4
 
 /* nf4 codebook as int8: round(127 * cb[k]) */
 static void nf4_table(int8_t t[16]) {
@@ -250,13 +252,19 @@ T512 static ALWAYS_INLINE float hsum16(__m512 v) {
 
 /* As row_avx2 with 64-byte steps: 4 blocks (4-bit, 4 lanes each) or 2
  * blocks (q8, 8 lanes each). Signed codes are biased to unsigned by +128
- * (the -128*sum(xq) comes from add_offsets). */
-T512 static ALWAYS_INLINE void row_vnni(quant_fmt F, int NB, const uint8_t *qrow,
-                                        const uint8_t *srow, size_t nblk, const xpack *xp,
-                                        size_t b0, __m512i tab, float *res) {
-    __m512 acc[NB_TILE];
-    for (int b = 0; b < NB; b++)
-        acc[b] = _mm512_setzero_ps();
+ * (the -128*sum(xq) comes from add_offsets). Register blocked: NR weight
+ * rows (qrow + r*qs, srow + r*ss) x NB rows of x per step, so a decoded
+ * weight step serves NB rows of x and a loaded x step NR weight rows; each
+ * (r, b) pair keeps its own accumulator and instruction sequence, so its
+ * result is the same whatever NR and NB are. */
+T512 static ALWAYS_INLINE void row_vnni(quant_fmt F, int NR, int NB, const uint8_t *qrow,
+                                        const uint8_t *srow, size_t qs, size_t ss, size_t nblk,
+                                        const xpack *xp, size_t b0, __m512i tab,
+                                        float res[][NB_TILE]) {
+    __m512 acc[NR_TILE][NB_TILE];
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NB; b++)
+            acc[r][b] = _mm512_setzero_ps();
     const size_t stride = xp->nbp * QUANT_BLOCK;
     const size_t bps = F == QUANT_Q8 ? 2 : 4, cb = F == QUANT_Q8 ? 32 : 16;
     const __m512i idx = F == QUANT_Q8
@@ -264,40 +272,50 @@ T512 static ALWAYS_INLINE void row_vnni(quant_fmt F, int NB, const uint8_t *qrow
                             : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const __m512i m4 = _mm512_set1_epi8(0x0f), bias = _mm512_set1_epi8((char)0x80);
     for (size_t j = 0; j < nblk; j += bps) {
-        __m512i w;
-        __m128 dw;
-        if (j + bps <= nblk) {
-            w = _mm512_loadu_si512((const void *)(qrow + cb * j));
-            dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << bps) - 1), srow + 2 * j));
-        } else { /* tail: masked loads, the missing blocks' x are zero */
-            size_t cnt = nblk - j;
-            w = _mm512_maskz_loadu_epi8((__mmask64)((1ull << (cnt * cb)) - 1), qrow + cb * j);
-            dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << cnt) - 1), srow + 2 * j));
-        }
-        __m512i u0, u1 = _mm512_setzero_si512();
-        if (F == QUANT_Q8) {
-            u0 = _mm512_xor_si512(w, bias);
-        } else {
-            u0 = _mm512_and_si512(w, m4);
-            u1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
-            if (F == QUANT_NF4) {
-                dw = _mm_mul_ps(dw, _mm_set1_ps(1.0f / 127.0f));
-                u0 = _mm512_shuffle_epi8(tab, u0);
-                u1 = _mm512_shuffle_epi8(tab, u1);
+        __m512i u0[NR_TILE], u1[NR_TILE];
+        __m512 dw16[NR_TILE];
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *qr = qrow + r * qs, *sr = srow + r * ss;
+            __m512i w;
+            __m128 dw;
+            if (j + bps <= nblk) {
+                w = _mm512_loadu_si512((const void *)(qr + cb * j));
+                dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << bps) - 1), sr + 2 * j));
+            } else { /* tail: masked loads, the missing blocks' x are zero */
+                size_t cnt = nblk - j;
+                w = _mm512_maskz_loadu_epi8((__mmask64)((1ull << (cnt * cb)) - 1), qr + cb * j);
+                dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << cnt) - 1), sr + 2 * j));
             }
+            u1[r] = _mm512_setzero_si512();
+            if (F == QUANT_Q8) {
+                u0[r] = _mm512_xor_si512(w, bias);
+            } else {
+                u0[r] = _mm512_and_si512(w, m4);
+                u1[r] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+                if (F == QUANT_NF4) {
+                    dw = _mm_mul_ps(dw, _mm_set1_ps(1.0f / 127.0f));
+                    u0[r] = _mm512_shuffle_epi8(tab, u0[r]);
+                    u1[r] = _mm512_shuffle_epi8(tab, u1[r]);
+                }
+            }
+            dw16[r] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(dw));
         }
-        const __m512 dw16 = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(dw));
         for (int b = 0; b < NB; b++) {
             const int8_t *xq = xp->q + (b0 + b) * stride + 32 * j;
-            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_loadu_si512(xq));
-            if (F != QUANT_Q8) s = _mm512_dpbusd_epi32(s, u1, _mm512_loadu_si512(xq + 64));
-            __m512 sc =
-                _mm512_mul_ps(dw16, _mm512_loadu_ps(xp->dx + ((b0 + b) * xp->nbp + j) * cb / 4));
-            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[b]);
+            const __m512i x0 = _mm512_loadu_si512(xq);
+            const __m512i x1 = F != QUANT_Q8 ? _mm512_loadu_si512(xq + 64) : _mm512_setzero_si512();
+            const __m512 dxb = _mm512_loadu_ps(xp->dx + ((b0 + b) * xp->nbp + j) * cb / 4);
+            for (int r = 0; r < NR; r++) {
+                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0[r], x0);
+                if (F != QUANT_Q8) s = _mm512_dpbusd_epi32(s, u1[r], x1);
+                __m512 sc = _mm512_mul_ps(dw16[r], dxb);
+                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r][b]);
+            }
         }
     }
-    for (int b = 0; b < NB; b++)
-        res[b] = hsum16(acc[b]);
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NB; b++)
+            res[r][b] = hsum16(acc[r][b]);
 }
 
 /* -------------------------------------------------------- drivers */
@@ -345,13 +363,69 @@ typedef struct {
         }                                                                                          \
     }
 
-/* tables: AVX2 signed int8 codebook; VNNI codebook + 128 as unsigned */
+/* table: AVX2 signed int8 codebook */
 DEFINE_ROW(mmrow_avx2, , 0, NB_TILE, row_avx2, __m256i,
            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)a->nf4)))
-DEFINE_ROW(
-    mmrow_vnni, T512, 1, NB_TILE, row_vnni, __m512i,
-    _mm512_xor_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(const void *)a->nf4)),
-                     _mm512_set1_epi8((char)0x80)))
+
+/* AVX2 has 16 vector registers: one weight row at a time */
+static ALWAYS_INLINE void mmrows_avx2(quant_fmt F, const mm_args *a, size_t r0, size_t nr) {
+    for (size_t i = 0; i < nr; i++)
+        mmrow_avx2(F, a, r0 + i);
+}
+
+/* Output rows r0..r0+NR-1 for x rows b0..b0+NB-1 (VNNI). */
+T512 static ALWAYS_INLINE void tile_vnni(quant_fmt F, int NR, int NB, const mm_args *a, size_t r0,
+                                         size_t b0, __m512i tab) {
+    const quant_layout *l = a->l;
+    size_t nblk = l->nblk, qs = nblk * l->code_bytes, ss = nblk * 2;
+    const uint8_t *qrow = a->base + l->q_off + r0 * qs;
+    const uint8_t *srow = a->base + l->scale_off + r0 * ss;
+    float res[NR_TILE][NB_TILE];
+    row_vnni(F, NR, NB, qrow, srow, qs, ss, nblk, a->xp, b0, tab, res);
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *mrow = l->min_bytes ? a->base + l->min_off + (r0 + r) * ss : NULL;
+        add_offsets(F, 1, NB, srow + r * ss, mrow, nblk, a->xp, b0, res[r]);
+        float br = a->bias ? a->bias[r0 + r] : 0.0f;
+        for (int b = 0; b < NB; b++)
+            a->y[(b0 + b) * a->out + r0 + r] = res[r][b] + br;
+    }
+}
+
+#define TILE_CASES(NR)                                                                             \
+    switch (nb) {                                                                                  \
+    case 4:                                                                                        \
+        tile_vnni(F, NR, 4, a, r, b0, tab);                                                        \
+        break;                                                                                     \
+    case 3:                                                                                        \
+        tile_vnni(F, NR, 3, a, r, b0, tab);                                                        \
+        break;                                                                                     \
+    case 2:                                                                                        \
+        tile_vnni(F, NR, 2, a, r, b0, tab);                                                        \
+        break;                                                                                     \
+    default:                                                                                       \
+        tile_vnni(F, NR, 1, a, r, b0, tab);                                                        \
+        break;                                                                                     \
+    }
+
+/* Rows r0..r0+nr-1 (nr <= NR_TILE): full groups of NR_TILE rows blocked,
+ * the remainder (last rows of the matrix) one at a time. */
+T512 static ALWAYS_INLINE void mmrows_vnni(quant_fmt F, const mm_args *a, size_t r0, size_t nr) {
+    /* codebook + 128 as unsigned */
+    const __m512i tab = _mm512_xor_si512(
+        _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(const void *)a->nf4)),
+        _mm512_set1_epi8((char)0x80));
+    for (size_t b0 = 0; b0 < a->B; b0 += NB_TILE) {
+        int nb = a->B - b0 >= NB_TILE ? NB_TILE : (int)(a->B - b0);
+        if (nr == NR_TILE) {
+            size_t r = r0;
+            TILE_CASES(NR_TILE)
+        } else {
+            for (size_t r = r0; r < r0 + nr; r++) {
+                TILE_CASES(1)
+            }
+        }
+    }
+}
 
 /* One function per (ISA, format) so that F is a constant inside the OpenMP
  * body. Rows in chunks of 16 handed out dynamically: on a shared node a
@@ -359,22 +433,25 @@ DEFINE_ROW(
  * Neither the schedule nor the if() (no threads for tiny products) changes
  * any result: a row is computed the same way by any thread. */
 // clang-format off
-#define DEFINE_MM(NAME, ATTR, ROW, F)                                                              \
+#define DEFINE_MM(NAME, ATTR, ROWS, F)                                                             \
     ATTR static void NAME(const mm_args *a) {                                                      \
         int par = a->out * a->in * a->B >= (1u << 16);                                             \
-        _Pragma("omp parallel for schedule(dynamic, 16) if (par)")                                 \
-        for (size_t r = 0; r < a->out; r++)                                                        \
-            ROW(F, a, r);                                                                          \
+        size_t ng = (a->out + NR_TILE - 1) / NR_TILE;                                              \
+        _Pragma("omp parallel for schedule(dynamic, 16 / NR_TILE) if (par)")                       \
+        for (size_t g = 0; g < ng; g++) {                                                          \
+            size_t r0 = g * NR_TILE;                                                               \
+            ROWS(F, a, r0, a->out - r0 < NR_TILE ? a->out - r0 : NR_TILE);                         \
+        }                                                                                          \
     }
 // clang-format on
-DEFINE_MM(mm_avx2_q8, , mmrow_avx2, QUANT_Q8)
-DEFINE_MM(mm_avx2_q4, , mmrow_avx2, QUANT_Q4)
-DEFINE_MM(mm_avx2_q4a, , mmrow_avx2, QUANT_Q4A)
-DEFINE_MM(mm_avx2_nf4, , mmrow_avx2, QUANT_NF4)
-DEFINE_MM(mm_vnni_q8, T512, mmrow_vnni, QUANT_Q8)
-DEFINE_MM(mm_vnni_q4, T512, mmrow_vnni, QUANT_Q4)
-DEFINE_MM(mm_vnni_q4a, T512, mmrow_vnni, QUANT_Q4A)
-DEFINE_MM(mm_vnni_nf4, T512, mmrow_vnni, QUANT_NF4)
+DEFINE_MM(mm_avx2_q8, , mmrows_avx2, QUANT_Q8)
+DEFINE_MM(mm_avx2_q4, , mmrows_avx2, QUANT_Q4)
+DEFINE_MM(mm_avx2_q4a, , mmrows_avx2, QUANT_Q4A)
+DEFINE_MM(mm_avx2_nf4, , mmrows_avx2, QUANT_NF4)
+DEFINE_MM(mm_vnni_q8, T512, mmrows_vnni, QUANT_Q8)
+DEFINE_MM(mm_vnni_q4, T512, mmrows_vnni, QUANT_Q4)
+DEFINE_MM(mm_vnni_q4a, T512, mmrows_vnni, QUANT_Q4A)
+DEFINE_MM(mm_vnni_nf4, T512, mmrows_vnni, QUANT_NF4)
 
 static int have_vnni(void) {
     __builtin_cpu_init();
