@@ -416,7 +416,9 @@ T512 static ALWAYS_INLINE void mmrows_vnni(quant_fmt F, const mm_args *a, size_t
         _mm512_set1_epi8((char)0x80));
     for (size_t b0 = 0; b0 < a->B; b0 += NB_TILE) {
         int nb = a->B - b0 >= NB_TILE ? NB_TILE : (int)(a->B - b0);
-        if (nr == NR_TILE) {
+        /* blocking pays only when several x rows share each weight load;
+         * for one to three rows (decode at small batch) it measured slower */
+        if (nr == NR_TILE && nb == NB_TILE) {
             size_t r = r0;
             TILE_CASES(NR_TILE)
         } else {
