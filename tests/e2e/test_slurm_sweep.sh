@@ -17,50 +17,10 @@ cd "$(dirname "$0")/../.." || exit 1
 ROOT=$PWD
 source tests/e2e/lib.sh
 set +e
-CLUSTER=$ROOT/slurm/local-cluster.sh
-T0=$SECONDS
-step() { echo "[$((SECONDS - T0))s] $*"; }
-skip() { echo "SKIP: $*"; exit 77; }
-fail() { echo "FAIL: $*" >&2; exit 1; }
-
-for b in slurmctld slurmd munged sbatch srun squeue scontrol; do
-    command -v "$b" >/dev/null 2>&1 || skip "$b not installed (Debian: slurm-wlm, munge; make deps)"
-done
-[[ $EUID -eq 0 ]] || skip "needs root to start munged/slurmctld/slurmd (SlurmUser=root)"
+source tests/e2e/slurm_lib.sh
+slurm_start
 command -v gnuplot >/dev/null || fail "gnuplot missing (make deps)"
-[[ -x $MPILM ]] || fail "$MPILM not built (make)"
 
-eval "$("$CLUSTER" env)"
-STARTED=0
-MYJOBS=""
-# shellcheck disable=SC2317
-cleanup() {
-    local rc=$?
-    # shellcheck disable=SC2086
-    [[ -n $MYJOBS ]] && scancel $MYJOBS 2>/dev/null
-    if [[ $STARTED -eq 1 ]]; then
-        step "taking the cluster down"
-        "$CLUSTER" down >/dev/null || { echo "FAIL: cluster down failed" >&2; rc=1; }
-    fi
-    [[ -n ${KEEP_TMP:-} ]] || rm -rf "$TMP"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 143' TERM INT
-if "$CLUSTER" status >/dev/null 2>&1; then
-    step "local cluster already up; using it"
-else
-    step "bringing the local cluster up"
-    STARTED=1
-    "$CLUSTER" up >"$TMP/up.log" 2>&1 || { cat "$TMP/up.log"; skip "slurm/local-cluster.sh up failed: $(tail -1 "$TMP/up.log")"; }
-fi
-
-field() { # JOBID FIELD (scontrol, else the job's last jobcomp.log line)
-    local v
-    v=$(scontrol -o show job "$1" 2>/dev/null | grep -o " $2=[^ ]*" | head -1)
-    [[ -z $v ]] && v=$(grep "^JobId=$1 " "$MPILM_SLURM_DIR/log/jobcomp.log" 2>/dev/null | tail -1 | grep -o " $2=[^ ]*" | head -1)
-    echo "${v#* "$2"=}"
-}
 wait_gone() { # SECONDS JOBID...: until none of them is in the queue
     local i
     for ((i = 0; i < $1 * 4; i++)); do

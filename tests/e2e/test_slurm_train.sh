@@ -24,56 +24,11 @@ cd "$(dirname "$0")/../.." || exit 1
 ROOT=$PWD
 source tests/e2e/lib.sh
 set +e
-CLUSTER=$ROOT/slurm/local-cluster.sh
+source tests/e2e/slurm_lib.sh
 SB=$ROOT/slurm/train.sbatch
-T0=$SECONDS
-step() { echo "[$((SECONDS - T0))s] $*"; }
-skip() { echo "SKIP: $*"; exit 77; }
-fail() {
-    echo "FAIL: $*" >&2
-    local f
-    for f in slurmctld.log slurmd.log; do
-        [[ -n ${MPILM_SLURM_DIR:-} && -s $MPILM_SLURM_DIR/log/$f ]] &&
-            { echo "--- tail $f" >&2; tail -n 12 "$MPILM_SLURM_DIR/log/$f" >&2; }
-    done
-    echo "--- ls $TMP: $(ls "$TMP" 2>&1 | tr '\n' ' ')" >&2
-    exit 1
-}
-
-for b in slurmctld slurmd munged sbatch srun squeue scontrol scancel; do
-    command -v "$b" >/dev/null 2>&1 || skip "$b not installed (Debian: slurm-wlm, munge; make deps)"
-done
-[[ $EUID -eq 0 ]] || skip "needs root to start munged/slurmctld/slurmd (SlurmUser=root)"
-[[ -x $MPILM ]] || fail "$MPILM not built (make)"
+slurm_start
 $PY -c 'import h5py, numpy' 2>/dev/null || fail "python3-h5py/numpy missing (make deps)"
 
-eval "$("$CLUSTER" env)"
-STARTED=0
-# shellcheck disable=SC2317
-cleanup() {
-    local rc=$?
-    local ids
-    ids=$(squeue -h -o %i -n mpilm-train,mpilm-tprobe 2>/dev/null | tr '\n' ' ')
-    # shellcheck disable=SC2086
-    [[ -n ${ids// /} && -n ${MYJOBS:-} ]] && scancel $MYJOBS 2>/dev/null
-    if [[ $STARTED -eq 1 ]]; then
-        step "taking the cluster down"
-        "$CLUSTER" down >/dev/null || { echo "FAIL: cluster down failed" >&2; rc=1; }
-    fi
-    [[ -n ${KEEP_TMP:-} ]] || rm -rf "$TMP"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 143' TERM INT
-if "$CLUSTER" status >/dev/null 2>&1; then
-    step "local cluster already up; using it"
-else
-    step "bringing the local cluster up"
-    STARTED=1
-    "$CLUSTER" up >"$TMP/up.log" 2>&1 || { cat "$TMP/up.log"; skip "slurm/local-cluster.sh up failed: $(tail -1 "$TMP/up.log")"; }
-fi
-
-MYJOBS=""
 # sub ARGS...: sbatch --parsable, prints the job id
 sub() {
     local out
@@ -84,12 +39,6 @@ sub() {
 }
 # field JOBID FIELD: from scontrol, or the job's last line in jobcomp.log
 # once slurmctld purged it (MinJobAge)
-field() {
-    local v
-    v=$(scontrol -o show job "$1" 2>/dev/null | grep -o " $2=[^ ]*" | head -1)
-    [[ -z $v ]] && v=$(grep "^JobId=$1 " "$MPILM_SLURM_DIR/log/jobcomp.log" 2>/dev/null | tail -1 | grep -o " $2=[^ ]*" | head -1)
-    echo "${v#* "$2"=}"
-}
 # wait_end JOBID SECONDS: until the job is in a final state (not requeued)
 wait_end() {
     local i st
