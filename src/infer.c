@@ -500,6 +500,21 @@ static void final_logits(infer_engine *e, const float *xrow, int nrows, float *l
 
 static int prefill_reserve(infer_engine *e, int slot, const int *prompt, int n, int reserve);
 
+/* The rest of a block after attention, for `rows` rows of e->x (attention
+ * output in e->atty): projection + residual, then the MLP + residual.
+ * decode: the rows are single tokens of different sequences. */
+static void block_tail(infer_engine *e, const layer *y, int rows, int decode) {
+    size_t N = (size_t)rows;
+    int C = e->C;
+    lin_fwd(&y->proj, e->tmp, e->atty, rows, decode);
+    kern_residual_fwd(e->x, e->x, e->tmp, N * C);
+    kern_layernorm_fwd(e->ln, e->mean, e->rstd, e->x, y->ln2w, y->ln2b, N, C);
+    lin_fwd(&y->fc, e->fc, e->ln, rows, decode);
+    kern_gelu_fwd(e->fc, e->fc, N * 4 * C);
+    lin_fwd(&y->fcp, e->tmp, e->fc, rows, decode);
+    kern_residual_fwd(e->x, e->x, e->tmp, N * C);
+}
+
 int infer_prefill(infer_engine *e, int slot, const int *prompt, int n) {
     return prefill_reserve(e, slot, prompt, n, n);
 }
@@ -524,13 +539,7 @@ static int prefill_reserve(infer_engine *e, int slot, const int *prompt, int n, 
                    C * sizeof(float));
         }
         kern_attention_fwd(e->atty, e->att, e->qkv, 1, n, C, e->NH);
-        lin_fwd(&y->proj, e->tmp, e->atty, n, 0);
-        kern_residual_fwd(e->x, e->x, e->tmp, N * C);
-        kern_layernorm_fwd(e->ln, e->mean, e->rstd, e->x, y->ln2w, y->ln2b, N, C);
-        lin_fwd(&y->fc, e->fc, e->ln, n, 0);
-        kern_gelu_fwd(e->fc, e->fc, N * 4 * C);
-        lin_fwd(&y->fcp, e->tmp, e->fc, n, 0);
-        kern_residual_fwd(e->x, e->x, e->tmp, N * C);
+        block_tail(e, y, n, 0);
     }
     final_logits(e, e->x + (N - 1) * C, 1, e->logits + (size_t)slot * e->V, 0);
     e->pos[slot] = n;
@@ -594,13 +603,7 @@ int infer_decode(infer_engine *e, int nb, const int *slots, const int *tok) {
                 }
             }
         }
-        lin_fwd(&y->proj, e->tmp, e->atty, nb, 1);
-        kern_residual_fwd(e->x, e->x, e->tmp, N * C);
-        kern_layernorm_fwd(e->ln, e->mean, e->rstd, e->x, y->ln2w, y->ln2b, N, C);
-        lin_fwd(&y->fc, e->fc, e->ln, nb, 1);
-        kern_gelu_fwd(e->fc, e->fc, N * 4 * C);
-        lin_fwd(&y->fcp, e->tmp, e->fc, nb, 1);
-        kern_residual_fwd(e->x, e->x, e->tmp, N * C);
+        block_tail(e, y, nb, 1);
     }
     /* logits of all rows at once, then scattered to the slots */
     float *lg = e->fc; /* (nb, V) fits: V <= 4C is not guaranteed, so check */
