@@ -869,7 +869,9 @@ void comm_sel_explain(const comm_sel *s, FILE *f) {
     fprintf(f, "%9s", "bytes");
     for (int i = 0; s->cand[i]; i++)
         fprintf(f, " %11s", short_name(s->cand[i]));
-    fprintf(f, "  choice\n");
+    /* with a calibration, the model's own pick is shown beside the final one:
+     * the two disagree where the measurement overruled the model */
+    fprintf(f, "%s  choice\n", cal->n > 0 ? "  model-alone" : "");
     for (size_t n = 4; n <= EXPLAIN_MAX; n *= 2) {
         char l[24], ch[48];
         fprintf(f, "%9s", comm_sel_fmt_bytes(n, l, sizeof l));
@@ -879,6 +881,11 @@ void comm_sel_explain(const comm_sel *s, FILE *f) {
                 fprintf(f, " %11.1f", comm_sel_predict(p, &s->lay, s->cand[i], NULL, n) * k * 1e6);
             else
                 fprintf(f, " %11s", "-");
+        }
+        if (cal->n > 0) {
+            choice m = choose(&s->pr, &s->lay, s->cand, s->fallback, slack_of(&s->o),
+                              comm_sel_degraded(s), NULL, n);
+            fprintf(f, "  %s%s", choice_str(m, ch, sizeof ch), m.fallback ? "*" : "");
         }
         choice cc = sel_choose(s, n);
         fprintf(f, "  %s%s\n", choice_str(cc, ch, sizeof ch), cc.fallback ? "*" : "");

@@ -23,6 +23,8 @@ run() { # name timeout cmd...
     else
         fail=$((fail+1)); failed+=("$name")
         [[ $rc -eq 124 || $rc -eq 137 ]] && echo "FAIL  $name: TIMEOUT after ${to}s" || echo "FAIL  $name (exit $rc)"
+        # the reason first (CI shows only part of a long output), then the tail
+        grep -m 3 '^FAIL' "$log" | sed 's/^/      ! /'
         tail -25 "$log" | sed 's/^/      | /'
     fi
 }
