@@ -157,17 +157,23 @@ static int default_cands(const char **out, int max) {
     return n;
 }
 
-/* Calibration factor (measured / prior) of `name` at `bytes`: log-log
- * interpolation between its calibrated sizes, held beyond them; 1 without a
- * calibration or for a name not calibrated (a fallback outside the
- * candidates); 0 (not eligible) above the last size it was timed at when
- * larger sizes were calibrated without it. */
-static double cal_factor(const comm_sel_calib *c, const char *name, size_t bytes) {
-    int i = 0;
+/* Calibration factor (measured / prior) of `name` (with hierarchical's
+ * inter-node algorithm `inter`, or NULL) at `bytes`: log-log interpolation
+ * between its calibrated sizes, held beyond them; 1 without a calibration
+ * or for a name not calibrated (a fallback outside the candidates); 0 (not
+ * eligible) for an inter-node algorithm hierarchical was not timed with, and
+ * above the last size it was timed at when larger sizes were calibrated
+ * without it. */
+static double cal_factor(const comm_sel_calib *c, const char *name, const char *inter,
+                         size_t bytes) {
+    int i = 0, named = 0;
     if (!c || c->n == 0) return 1;
-    while (i < c->ncand && !is(c->cand[i], name))
-        i++;
-    if (i == c->ncand) return 1;
+    for (; i < c->ncand; i++) {
+        if (!is(c->cand[i], name)) continue;
+        named = 1;
+        if (!c->inter[i] || (inter && is(c->inter[i], inter))) break;
+    }
+    if (i == c->ncand) return named ? 0 : 1;
     int last = -1;
     for (int j = 0; j < c->n && c->t[j][i] >= 0; j++)
         last = j;
@@ -196,41 +202,38 @@ static const char *fallback_name(const comm_sel_opts *o) {
     return is(f, "none") ? NULL : f;
 }
 
+/* Predicted seconds of `name` at `bytes` (model x calibration), < 0 when not
+ * eligible; for hierarchical the best inter-node algorithm, into *inter. */
+static double cand_time(const comm_sel_probe *pr, const comm_sel_layout *lay,
+                        const comm_sel_calib *cal, const char *name, size_t bytes,
+                        const char **inter) {
+    *inter = NULL;
+    if (!is(name, "hierarchical")) {
+        double k = cal_factor(cal, name, NULL, bytes);
+        return k > 0 ? comm_sel_predict(pr, lay, name, NULL, bytes) * k : -1;
+    }
+    double best = -1;
+    for (int j = 0; inter_names[j]; j++) {
+        double k = cal_factor(cal, name, inter_names[j], bytes);
+        double t = k > 0 ? comm_sel_predict(pr, lay, name, inter_names[j], bytes) * k : -1;
+        if (t >= 0 && (best < 0 || t < best)) best = t, *inter = inter_names[j];
+    }
+    return best;
+}
+
 static choice choose(const comm_sel_probe *pr, const comm_sel_layout *lay, const char *const *cand,
                      const char *fb, double slack, int degr, const comm_sel_calib *cal,
                      size_t bytes) {
     choice c = {NULL, NULL, -1, 0};
     for (int i = 0; cand[i]; i++) {
-        double k = cal_factor(cal, cand[i], bytes);
-        if (!(k > 0)) continue;
-        if (is(cand[i], "hierarchical")) {
-            /* the calibration measured hierarchical with the model's best
-             * inter-node algorithm: one factor for all of them */
-            for (int j = 0; inter_names[j]; j++) {
-                double t = comm_sel_predict(pr, lay, cand[i], inter_names[j], bytes) * k;
-                if (t >= 0 && (c.t < 0 || t < c.t)) c = (choice){cand[i], inter_names[j], t, 0};
-            }
-        } else {
-            double t = comm_sel_predict(pr, lay, cand[i], NULL, bytes) * k;
-            if (t >= 0 && (c.t < 0 || t < c.t)) c = (choice){cand[i], NULL, t, 0};
-        }
+        const char *x;
+        double t = cand_time(pr, lay, cal, cand[i], bytes, &x);
+        if (t >= 0 && (c.t < 0 || t < c.t)) c = (choice){cand[i], x, t, 0};
     }
-    double kf = fb ? cal_factor(cal, fb, bytes) : 0;
-    if (degr && fb && !is(fb, c.name) && kf > 0) {
-        const char *fi = NULL;
-        double t;
-        if (is(fb, "hierarchical")) {
-            /* fallback hierarchical: its best inter-node algorithm */
-            t = -1;
-            for (int j = 0; inter_names[j]; j++) {
-                double u = comm_sel_predict(pr, lay, fb, inter_names[j], bytes);
-                if (u >= 0 && (t < 0 || u < t)) t = u, fi = inter_names[j];
-            }
-        } else {
-            t = comm_sel_predict(pr, lay, fb, NULL, bytes);
-        }
-        t *= kf;
-        if (t >= 0 && t <= slack * c.t) c = (choice){fb, fi, t, 1};
+    const char *fi = NULL;
+    double tf = fb ? cand_time(pr, lay, cal, fb, bytes, &fi) : -1;
+    if (degr && fb && !is(fb, c.name) && tf >= 0) {
+        if (tf <= slack * c.t) c = (choice){fb, fi, tf, 1};
     } else if (degr && fb && is(fb, c.name)) {
         c.fallback = 1;
     }
@@ -447,6 +450,14 @@ static double prior(const comm_sel *s, const char *name, size_t bytes, const cha
     return best;
 }
 
+/* The model's time of calibration entry i (hierarchical with its own
+ * inter-node algorithm, or the model's best one). */
+static double entry_prior(const comm_sel *s, const comm_sel_calib *c, int i, size_t bytes) {
+    const char *x;
+    if (c->inter[i]) return comm_sel_predict(&s->pr, &s->lay, c->cand[i], c->inter[i], bytes);
+    return prior(s, c->cand[i], bytes, &x);
+}
+
 /* Collective: times the candidates for real (see select.h) into s->cal.
  * Every decision (sizes, pruning, budget) is taken from numbers agreed by
  * MAX reductions, so all ranks run the same calls. */
@@ -456,8 +467,15 @@ static int calibrate(comm_sel *s) {
     float *buf = NULL;
     double *tt = NULL;
     memset(c, 0, sizeof *c);
-    while (s->cand[nc] && nc < COMM_SEL_MAXCAND)
-        c->cand[nc] = s->cand[nc], nc++;
+    for (int i = 0; s->cand[i] && nc < COMM_SEL_MAXCAND; i++) {
+        if (is(s->cand[i], "hierarchical") && s->lay.nodes > 1) {
+            static const char *const hx[] = {"ring", "recursive_doubling", "rabenseifner", NULL};
+            for (int j = 0; hx[j] && nc < COMM_SEL_MAXCAND; j++)
+                if (j < 2 || s->lay.nodes >= 4) c->cand[nc] = s->cand[i], c->inter[nc++] = hx[j];
+        } else {
+            c->cand[nc++] = s->cand[i];
+        }
+    }
     c->ncand = nc;
     double budget = s->o.calib_budget > 0 ? s->o.calib_budget : s->lay.nodes > 1 ? 4.0 : 1.0;
     if (!s->ar || s->size < 2 || s->o.calib_budget < 0) return 0;
@@ -493,9 +511,7 @@ static int calibrate(comm_sel *s) {
         for (; j > 0; b /= 4) {
             double est = 0;
             for (int i = 0; i < nc; i++) {
-                const char *x;
-                double p1 = prior(s, c->cand[i], b, &x),
-                       p0 = prior(s, c->cand[i], c->bytes[j - 1], &x);
+                double p1 = entry_prior(s, c, i, b), p0 = entry_prior(s, c, i, c->bytes[j - 1]);
                 if (active[i]) est += (c->t[j - 1][i] + fmax(p1 - p0, 0)) * (reps + (b <= MIB));
             }
             if (elapsed + est <= budget) break;
@@ -507,7 +523,7 @@ static int calibrate(comm_sel *s) {
         if (!ok || na == 0) break;
         size_t n = b / sizeof(float);
         for (int i = 0; i < nc; i++)
-            prior(s, c->cand[i], b, &inter[i]);
+            if (!(inter[i] = c->inter[i])) prior(s, c->cand[i], b, &inter[i]);
         memset(tt, 0, ((size_t)reps * nc + 2) * sizeof *tt);
         /* every rank makes the same calls even after a local error, which
          * is agreed below */
@@ -540,8 +556,7 @@ static int calibrate(comm_sel *s) {
                 v[r] = tt[(size_t)r * nc + i];
             qsort(v, (size_t)reps, sizeof *v, dcmp);
             double med = reps % 2 ? v[reps / 2] : (v[reps / 2 - 1] + v[reps / 2]) / 2;
-            const char *x;
-            double p = prior(s, c->cand[i], b, &x);
+            double p = entry_prior(s, c, i, b);
             c->t[j][i] = med;
             c->f[j][i] = p > 0 && med > 0 ? med / p : 1;
         }
@@ -674,7 +689,7 @@ const comm_sel_probe *comm_sel_get_probe(const comm_sel *s) {
 }
 const char *comm_sel_hier_inter(const comm_sel *s, size_t bytes) {
     const char *x = NULL;
-    prior(s, "hierarchical", bytes, &x);
+    cand_time(&s->pr, &s->lay, &s->cal, "hierarchical", bytes, &x);
     return x ? x : "rabenseifner";
 }
 const comm_sel_calib *comm_sel_get_calib(const comm_sel *s) {
@@ -832,8 +847,13 @@ void comm_sel_explain(const comm_sel *s, FILE *f) {
                 comm_sel_fmt_bytes(cal->bytes[cal->n - 1], l2, sizeof l2), cal->reps[cal->n - 1],
                 cal->reps[0]);
         fprintf(f, "%5s %9s", "calib", "bytes");
-        for (int i = 0; i < cal->ncand; i++)
-            fprintf(f, " %11s", short_name(cal->cand[i]));
+        for (int i = 0; i < cal->ncand; i++) {
+            char h[32];
+            if (cal->inter[i])
+                snprintf(h, sizeof h, "hier(%.5s)",
+                         is(cal->inter[i], "recursive_doubling") ? "rd" : cal->inter[i]);
+            fprintf(f, " %11s", cal->inter[i] ? h : short_name(cal->cand[i]));
+        }
         fprintf(f, "  (us measured / measured:model)\n");
         for (int j = 0; j < cal->n; j++) {
             char l[24];
@@ -876,9 +896,10 @@ void comm_sel_explain(const comm_sel *s, FILE *f) {
         char l[24], ch[48];
         fprintf(f, "%9s", comm_sel_fmt_bytes(n, l, sizeof l));
         for (int i = 0; s->cand[i]; i++) {
-            double k = cal_factor(cal, s->cand[i], n);
-            if (k > 0)
-                fprintf(f, " %11.1f", comm_sel_predict(p, &s->lay, s->cand[i], NULL, n) * k * 1e6);
+            const char *x;
+            double t = cand_time(p, &s->lay, cal, s->cand[i], n, &x);
+            if (t >= 0)
+                fprintf(f, " %11.1f", t * 1e6);
             else
                 fprintf(f, " %11s", "-");
         }

@@ -65,6 +65,11 @@ typedef struct {
     int n;     /* calibrated sizes (0: none) */
     int ncand; /* candidates, as in cand[] */
     const char *cand[COMM_SEL_MAXCAND];
+    /* hierarchical across nodes is timed once per inter-node algorithm
+     * (ring, recursive doubling; Rabenseifner from 4 nodes): the model's
+     * ranking among them misses transport effects (one large TCP message
+     * beats two halves on a shaped link); NULL for the others */
+    const char *inter[COMM_SEL_MAXCAND];
     size_t bytes[COMM_SEL_NCAL];
     int reps[COMM_SEL_NCAL];
     double t[COMM_SEL_NCAL][COMM_SEL_MAXCAND];

@@ -179,10 +179,52 @@ static void test_small_large_synthetic(void **state) {
     }
 }
 
+/* Label of calibration entry i as comm_sel_choice prints a choice
+ * ("hierarchical(ring)" for an entry with its own inter-node algorithm). */
+static const char *entry_label(const comm_sel_calib *c, int i, char *buf, size_t len) {
+    if (c->inter[i])
+        snprintf(buf, len, "%s(%s)", c->cand[i], c->inter[i]);
+    else
+        snprintf(buf, len, "%s", c->cand[i]);
+    return buf;
+}
+
+/* At every calibrated size the choice is the measured fastest entry (with
+ * its inter-node algorithm) and its prediction the measured median; entries
+ * not timed at a size are not chosen above it. Returns 1 on a failure. */
+static int check_calibrated_choices(comm_sel *sel) {
+    const comm_sel_calib *c = comm_sel_get_calib(sel);
+    int bad = 0;
+    for (int j = 0; j < c->n && !bad; j++) {
+        int bi = -1;
+        for (int i = 0; i < c->ncand; i++)
+            if (c->t[j][i] >= 0 && (bi < 0 || c->t[j][i] < c->t[j][bi])) bi = i;
+        char name[64], lab[64];
+        double t = 0;
+        comm_sel_choice(sel, c->bytes[j], name, sizeof name, &t);
+        if (bi >= 0) entry_label(c, bi, lab, sizeof lab);
+        /* an entry without its own inter matches any "(inter)" suffix */
+        if (bi < 0 || strncmp(name, lab, strlen(lab)) || (c->inter[bi] && strcmp(name, lab)) ||
+            fabs(t - c->t[j][bi]) > 1e-9 * c->t[j][bi])
+            bad = 1, fprintf(stderr, "%zu B: choice %s (%g s), measured best %s (%g s)\n",
+                             c->bytes[j], name, t, bi < 0 ? "-" : lab, bi < 0 ? 0 : c->t[j][bi]);
+        for (int i = 0; j > 0 && i < c->ncand; i++)
+            if (c->t[j - 1][i] >= 0 && c->t[j][i] < 0) {
+                entry_label(c, i, lab, sizeof lab);
+                for (size_t b = c->bytes[j]; b <= 256 * MIB; b *= 2) {
+                    comm_sel_choice(sel, b, name, sizeof name, NULL);
+                    if (c->inter[i] ? !strcmp(name, lab) : !strncmp(name, lab, strlen(lab)))
+                        bad = 1, fprintf(stderr, "%zu B: %s chosen after being dropped\n", b, name);
+                }
+            }
+    }
+    return bad;
+}
+
 /* The calibration: on more than one rank the candidates (MPI_Allreduce
- * among them) are timed at 8 B and up; at every calibrated size the choice is
- * the measured fastest and its prediction the measured median; candidates not
- * timed at a size are not chosen above it; calib_budget < 0 turns it off. */
+ * among them) are timed at 8 B and up and decide the choice there
+ * (check_calibrated_choices); across nodes hierarchical is timed once per
+ * inter-node algorithm; calib_budget < 0 turns it off. */
 static void test_calibration(void **state) {
     (void)state;
     comm_sel *sel = NULL;
@@ -191,33 +233,12 @@ static void test_calibration(void **state) {
     const comm_sel_calib *c = comm_sel_get_calib(sel);
     int bad = 0, has_mpi = 0;
     for (int i = 0; i < c->ncand; i++)
-        has_mpi |= !strcmp(c->cand[i], "mpi");
+        has_mpi |= !strcmp(c->cand[i], "mpi") && !c->inter[i];
     if (size_ == 1) {
         bad |= c->n != 0;
     } else {
         bad |= !has_mpi || c->n < 1 || c->bytes[0] != 8;
-        for (int j = 0; j < c->n && !bad; j++) {
-            int bi = -1;
-            for (int i = 0; i < c->ncand; i++)
-                if (c->t[j][i] >= 0 && (bi < 0 || c->t[j][i] < c->t[j][bi])) bi = i;
-            char name[64];
-            double t = 0;
-            comm_sel_choice(sel, c->bytes[j], name, sizeof name, &t);
-            if (bi < 0 || strncmp(name, c->cand[bi], strlen(c->cand[bi])) ||
-                fabs(t - c->t[j][bi]) > 1e-9 * c->t[j][bi])
-                bad = 1,
-                fprintf(stderr, "%zu B: choice %s (%g s), measured best %s (%g s)\n", c->bytes[j],
-                        name, t, bi < 0 ? "-" : c->cand[bi], bi < 0 ? 0 : c->t[j][bi]);
-            /* a candidate dropped at this size is never chosen above it */
-            for (int i = 0; j > 0 && i < c->ncand; i++)
-                if (c->t[j - 1][i] >= 0 && c->t[j][i] < 0)
-                    for (size_t b = c->bytes[j]; b <= 256 * MIB; b *= 2)
-                        if (!strncmp(comm_sel_choice(sel, b, name, sizeof name, NULL), c->cand[i],
-                                     strlen(c->cand[i])) &&
-                            strlen(name) >= strlen(c->cand[i]))
-                            bad = 1,
-                            fprintf(stderr, "%zu B: %s chosen after being dropped\n", b, name);
-        }
+        bad |= check_calibrated_choices(sel);
         char *text = NULL;
         size_t len = 0;
         FILE *f = open_memstream(&text, &len);
@@ -234,6 +255,40 @@ static void test_calibration(void **state) {
     rc = comm_sel_create(MPI_COMM_WORLD, ar_, &off, &sel);
     agree(rc != 0 || comm_sel_get_calib(sel)->n != 0, "calib_budget < 0: no calibration");
     comm_sel_destroy(sel);
+
+    /* ranks split in two nodes (all-reduce context and selector alike):
+     * hierarchical gets one entry per inter-node algorithm, none without */
+    if (size_ < 2) return;
+    int *nodes = malloc((size_t)size_ * sizeof *nodes);
+    for (int r = 0; r < size_; r++)
+        nodes[r] = r < size_ / 2 ? 0 : 1;
+    comm_ar *ar2 = NULL;
+    comm_ar_opts ao = {.node_of_rank = nodes};
+    rc = comm_ar_create(MPI_COMM_WORLD, &ao, &ar2);
+    agree(rc != 0, "comm_ar_create (two nodes)");
+    comm_sel_opts so = {.node_of_rank = nodes, .calib_budget = 0.5};
+    rc = comm_sel_create(MPI_COMM_WORLD, ar2, &so, &sel);
+    free(nodes);
+    agree(rc != 0, "comm_sel_create (two nodes)");
+    c = comm_sel_get_calib(sel);
+    int ring = 0, rd = 0, other = 0;
+    for (int i = 0; i < c->ncand; i++)
+        if (!strcmp(c->cand[i], "hierarchical")) {
+            if (c->inter[i] && !strcmp(c->inter[i], "ring"))
+                ring++;
+            else if (c->inter[i] && !strcmp(c->inter[i], "recursive_doubling"))
+                rd++;
+            else
+                other++;
+        }
+    bad = c->n < 1 || ring != 1 || rd != 1 || other != 0;
+    if (bad)
+        fprintf(stderr, "two nodes: hierarchical entries ring %d, rd %d, other %d\n", ring, rd,
+                other);
+    bad |= check_calibrated_choices(sel);
+    agree(bad, "two nodes: hierarchical calibrated per inter-node algorithm");
+    comm_sel_destroy(sel);
+    comm_ar_destroy(ar2);
 }
 
 static void test_threshold_fallback(void **state) {
