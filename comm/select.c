@@ -477,7 +477,7 @@ static int calibrate(comm_sel *s) {
         }
     }
     c->ncand = nc;
-    double budget = s->o.calib_budget > 0 ? s->o.calib_budget : s->lay.nodes > 1 ? 4.0 : 1.0;
+    double budget = s->o.calib_budget > 0 ? s->o.calib_budget : s->lay.nodes > 1 ? 10.0 : 1.0;
     if (!s->ar || s->size < 2 || s->o.calib_budget < 0) return 0;
     size_t maxn = cal_sizes[COMM_SEL_NCAL - 1] / sizeof(float);
     int maxreps = 0;

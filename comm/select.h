@@ -11,7 +11,7 @@
  * comm_ar_model_time_hier) then predicts every algorithm's time per message
  * size: the prior. The probe then calibrates: it times every candidate
  * (MPI_Allreduce included) for real at 8 B, 64 KiB, 1 MiB and 16 MiB (4 MiB
- * or fewer sizes where the time budget, 1 s on one node and 4 s across
+ * or fewer sizes where the time budget, 1 s on one node and 10 s across
  * nodes, would be exceeded; candidates over 3x the best from 1 MiB on are
  * not timed further), one MAX-over-ranks timing per call, median of a few
  * calls. Each candidate's prediction is its prior times a correction factor
@@ -111,8 +111,10 @@ typedef struct {
     /* Synthetic probe: no measurement, these numbers (tests, what-if); no
      * calibration at create (a later re-probe measures and calibrates). */
     const comm_sel_probe *probe;
-    /* Calibration time budget in seconds: 0: 1 s on one node, 4 s across
-     * nodes; < 0: no calibration (the model alone). */
+    /* Calibration time budget in seconds: 0: 1 s on one node, 10 s across
+     * nodes (enough to reach 16 MiB on 2 x 2 ranks at 1 Gbit/s, where the
+     * large-message choice changes: bench/RESULTS.md); < 0: no calibration
+     * (the model alone). */
     double calib_budget;
     /* Re-selection: off by more than factor (<= 1: 2.0) for `after` (<= 0:
      * 3) consecutive recorded calls. */
