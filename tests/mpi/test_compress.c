@@ -1,4 +1,4 @@
-// mpi-ranks: 1 2 3 4
+// mpi-ranks: 1 2 3 4 6
 /* test_compress: comm_cx_allreduce (comm/compress.h) across ranks for every
  * compressor: bitwise identical results on all ranks, error against the
  * dense average within the stated bound (exact for top-k against a
@@ -394,10 +394,12 @@ static void test_error_feedback(void **st) {
 
 /* Node layouts given through opts.node_of_rank, so the node-aware path runs
  * on one host: at p = 4 two nodes of two ranks, blocked {0,0,1,1} and
- * interleaved {0,1,0,1}; other rank counts have no equal nodes of > 1 rank
- * and must stay flat. Bound at step 0: stage 1 quantizes each node's dense
+ * interleaved {0,1,0,1}; at p = 6 two nodes of three {0,0,0,1,1,1} (the
+ * node's reduce-scatter takes two exchange steps) and three of two
+ * {0,1,2,0,1,2}; other rank counts have no equal nodes of > 1 rank and must
+ * stay flat. Bound at step 0: stage 1 quantizes each node's dense
  * sum (adds < absmax_b(node sum)/L per node to the sum), stage 2 as flat. */
-static int g_nodes[4];
+static int g_nodes[8];
 static void tw_nodes(comm_cx_opts *o) {
     o->node_of_rank = g_nodes, o->node_aware = 1;
 }
@@ -405,9 +407,9 @@ static void tw_nodes_nearest(comm_cx_opts *o) {
     o->node_of_rank = g_nodes, o->node_aware = 1, o->stochastic = 0;
 }
 
-static void node_case(comm_cx_type t, int L, int want_hier) {
+static void node_case(comm_cx_type t, int L, int want_hier, size_t n) {
     const char *name = comm_cx_type_name(t);
-    size_t n = N, B = 256;
+    size_t B = 256;
     int nn = 0;
     for (int r = 0; r < size; r++)
         nn = g_nodes[r] + 1 > nn ? g_nodes[r] + 1 : nn;
@@ -535,15 +537,21 @@ static void node_ef_case(comm_cx_type t, int nearest, double tol) {
 
 static void test_node_aware(void **st) {
     (void)st;
-    static const int layouts[2][4] = {{0, 0, 1, 1}, {0, 1, 0, 1}};
+    static const int l4[2][4] = {{0, 0, 1, 1}, {0, 1, 0, 1}};
+    static const int l6[2][6] = {{0, 0, 0, 1, 1, 1}, {0, 1, 2, 0, 1, 2}};
     for (int l = 0; l < 2; l++) {
-        memcpy(g_nodes, layouts[l], sizeof g_nodes);
-        int hier = size == 4; /* p = 2: nodes of 1 rank; p = 3: unequal */
+        if (size == 6)
+            memcpy(g_nodes, l6[l], sizeof l6[l]);
+        else
+            memcpy(g_nodes, l4[l], sizeof l4[l]);
+        int hier = size == 4 || size == 6; /* p = 2: one node; p = 3: unequal */
         comm_cx_type types[] = {COMM_CX_FP16, COMM_CX_BF16, COMM_CX_INT8, COMM_CX_INT4,
                                 COMM_CX_INT2};
         const int Ls[] = {0, 0, 127, 7, 1};
         for (int k = 0; k < 5; k++)
-            node_case(types[k], Ls[k], hier);
+            node_case(types[k], Ls[k], hier, N);
+        /* segments longer than one message of the node's reduce-scatter */
+        if (hier) node_case(COMM_CX_INT8, 127, 1, 3 * 65536 * 3 + 7);
         node_ef_case(COMM_CX_INT4, 0, 0.01);
         node_ef_case(COMM_CX_INT2, 1, 0.05);
     }
