@@ -394,9 +394,8 @@ static void test_error_feedback(void **st) {
 
 /* Node layouts given through opts.node_of_rank, so the node-aware path runs
  * on one host: at p = 4 two nodes of two ranks, blocked {0,0,1,1} and
- * interleaved {0,1,0,1}; at p = 6 two nodes of three {0,0,0,1,1,1} (the
- * node's reduce-scatter takes two exchange steps) and three of two
- * {0,1,2,0,1,2}; other rank counts have no equal nodes of > 1 rank and must
+ * interleaved {0,1,0,1}; at p = 6 two nodes of three {0,0,0,1,1,1} and
+ * three of two {0,1,2,0,1,2}; other rank counts have no equal nodes of > 1 rank and must
  * stay flat. Bound at step 0: stage 1 quantizes each node's dense
  * sum (adds < absmax_b(node sum)/L per node to the sum), stage 2 as flat. */
 static int g_nodes[8];
@@ -550,7 +549,7 @@ static void test_node_aware(void **st) {
         const int Ls[] = {0, 0, 127, 7, 1};
         for (int k = 0; k < 5; k++)
             node_case(types[k], Ls[k], hier, N);
-        /* segments longer than one message of the node's reduce-scatter */
+        /* a large buffer: MPI's rendezvous path for the node segments */
         if (hier) node_case(COMM_CX_INT8, 127, 1, 3 * 65536 * 3 + 7);
         node_ef_case(COMM_CX_INT4, 0, 0.01);
         node_ef_case(COMM_CX_INT2, 1, 0.05);
