@@ -307,7 +307,8 @@ static void usage(void) {
         "all-reduces (powersgd's P and Q) use ALGO (comm_ar table name, default mpi).\n"
         "LIST: comma-separated none,fp16,bf16,int8,int4,int2,topk:RATIO,powersgd:RANK\n"
         "(int8-sr etc.: stochastic rounding; the trainer rounds to nearest with error\n"
-        "feedback). Default: none,fp16,bf16,int8,int4,int2,topk:0.01,topk:0.1,powersgd:4\n"
+        "feedback). Default: none,fp16,bf16,int8,int4,int2,topk:0.01,topk:0.1,powersgd:4,\n"
+        "powersgd:2\n"
         "(micro: without none, with int8-sr,int4-sr,int2-sr).\n");
 }
 
@@ -351,7 +352,7 @@ int bench_compress(int argc, char **argv, MPI_Comm comm) {
     if (!list)
         list = is_micro ? "fp16,bf16,int8,int4,int2,int8-sr,int4-sr,int2-sr,topk:0.01,topk:0.1,"
                           "powersgd:4"
-                        : "none,fp16,bf16,int8,int4,int2,topk:0.01,topk:0.1,powersgd:4";
+                        : "none,fp16,bf16,int8,int4,int2,topk:0.01,topk:0.1,powersgd:4,powersgd:2";
     int ns = parse_specs(list, sp, MAX_SPECS);
     if (ns <= 0 || steps < 2 || warm < 0 || warm >= steps || iters < 1 || iters > MAX_ITERS ||
         count < 1 || count > (size_t)INT32_MAX) {
