@@ -1195,6 +1195,16 @@ static double dot_d(const float *a, const float *b, size_t n) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+/* out = g + res (res NULL: a copy of g) */
+static void ef_sum(const float *g, const float *res, float *out, size_t n) {
+    if (!res) {
+        memcpy(out, g, n * sizeof *out);
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        out[i] = g[i] + res[i];
+}
+
 /* (C x r) <-> (r x C) */
 static void transpose(const float *in, size_t rows, size_t cols, float *out) {
     for (size_t i = 0; i < rows; i++)
@@ -1234,23 +1244,28 @@ static int powersgd_ar(comm_cx *cx, float *g, int step, comm_op op, uint64_t *by
     float *acc = cx->work, *qt = cx->qt;
     double *qd = cx->qd;
     double tl = tnow();
-    for (size_t i = 0; i < n; i++)
-        acc[i] = ef ? g[i] + cx->res[i] : g[i];
-    /* P's, then dense elements */
+    /* P's, then dense elements; M = g + residual is formed row by row in
+     * the same pass (a separate pass over the bucket cost as much as the
+     * product) */
     size_t po = 0, mo = 0, qo = 0;
     for (size_t m = 0; m < nm; m++) {
         size_t R = cx->mrows[m], C = cx->mcols[m];
         if (cx->mat_on[m]) {
-            const float *M = acc + mo;
             float *P = cx->pq + po;
             transpose(cx->q + qo, C, r, qt);
-            for (size_t i = 0; i < R; i++)
+            for (size_t i = 0; i < R; i++) {
+                size_t o = mo + i * C;
+                ef_sum(g + o, ef ? cx->res + o : NULL, acc + o, C);
                 for (size_t c = 0; c < r; c++)
-                    P[i * r + c] = (float)dot_d(M + i * C, qt + c * C, C);
+                    P[i * r + c] = (float)dot_d(acc + o, qt + c * C, C);
+            }
             po += R * r, qo += C * r;
+        } else {
+            ef_sum(g + mo, ef ? cx->res + mo : NULL, acc + mo, R * C);
         }
         mo += R * C;
     }
+    ef_sum(g + cx->mat_end, ef ? cx->res + cx->mat_end : NULL, acc + cx->mat_end, n - cx->mat_end);
     size_t pend = po;
     mo = 0;
     for (size_t m = 0; m < nm; m++) {
