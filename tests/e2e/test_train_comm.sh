@@ -26,8 +26,9 @@ DATA=$(test_data)
 # error feedback +6.4%; a leaky residual (x0.6..0.8 per step) +2.7..+3.5%
 # with seed 1337 but +7.5% with seed 7, where plain error feedback gives
 # +4.1%; a lazy AdamW that applies a received sum as `age` steps of
-# sum/age: +10.8% (seed 1337), -1.6% (seed 7). The gap moves by several %
-# from seed to seed.
+# sum/age: +10.8% (seed 1337), -1.6% (seed 7); EF21 (top-k of gradient
+# minus a tracked estimate, the summed estimate handed to AdamW every step):
+# +14.8% / +7.6%. The gap moves by several % from seed to seed.
 XFAIL=${XFAIL-topk}
 
 # ---- (a) adaptive ------------------------------------------------------
