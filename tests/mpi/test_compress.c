@@ -79,6 +79,38 @@ static comm_cx *make(comm_cx_type t, size_t n, void (*tweak)(comm_cx_opts *)) {
 
 /* ---- quantizers and casts -------------------------------------------------------- */
 
+/* Checks |g - avg| against the bound of coded_case per element (blocks of
+ * B, L levels or a cast for L = 0), plus `sum_ulps` x the mean |addend|;
+ * reports the first excess on stderr; the largest error/bound into *worst.
+ * Returns 1 on an excess. */
+static int check_bound(const float *g, const double *avg, const double *ms, const double *mabs,
+                       size_t n, size_t B, comm_cx_type t, int L, double sum_ulps, const char *what,
+                       double *worst) {
+    for (size_t b0 = 0; b0 < n; b0 += B) {
+        size_t b1 = b0 + B < n ? b0 + B : n;
+        double amax = 0;
+        for (size_t i = b0; i < b1; i++)
+            amax = fmax(amax, fabs(avg[i]));
+        for (size_t i = b0; i < b1; i++) {
+            double e = fabs(g[i] - avg[i]), bound;
+            if (L)
+                bound = ms[i] + (size > 1 ? (amax + ms[i]) / L : 0);
+            else {
+                double u = t == COMM_CX_FP16 ? 0x1p-11 : 0x1p-8;
+                bound = u * mabs[i] + (size > 1 ? u * (fabs(avg[i]) + u * mabs[i]) : 0) + 0x1p-24;
+            }
+            bound = bound * (1 + 1e-5) + sum_ulps * mabs[i] + 1e-12;
+            if (e > bound) {
+                fprintf(stderr, "rank %d: %s %s [%zu] = %g, avg %g, error %g > bound %g\n", rank,
+                        comm_cx_type_name(t), what, i, g[i], avg[i], e, bound);
+                return 1;
+            }
+            if (e / bound > *worst) *worst = e / bound;
+        }
+    }
+    return 0;
+}
+
 /* Bound at step 0 (no residual yet), element i of block b, average over p:
  * stage 1 adds < s_r = absmax_b(g_r)/L per rank, i.e. < mean_r s_r to the
  * average; stage 2 re-encodes the average y (|y| <= absmax_b(avg) +
@@ -109,30 +141,8 @@ static void coded_case(comm_cx_type t, int L, double payload_ratio) {
     int rc = comm_cx_allreduce(cx, g, n, 0, COMM_AVG, &bytes);
     agree(rc != 0, name);
     agree(identical(g, n, name), name);
-    int bad = 0;
     double worst = 0;
-    for (size_t b0 = 0; b0 < n; b0 += B) {
-        size_t b1 = b0 + B < n ? b0 + B : n;
-        double amax = 0;
-        for (size_t i = b0; i < b1; i++)
-            amax = fmax(amax, fabs(avg[i]));
-        for (size_t i = b0; i < b1 && !bad; i++) {
-            double e = fabs(g[i] - avg[i]), bound;
-            if (L)
-                bound = ms[i] + (size > 1 ? (amax + ms[i]) / L : 0);
-            else {
-                double u = t == COMM_CX_FP16 ? 0x1p-11 : 0x1p-8;
-                bound = u * mabs[i] + (size > 1 ? u * (fabs(avg[i]) + u * mabs[i]) : 0) + 0x1p-24;
-            }
-            bound = bound * (1 + 1e-5) + 1e-12;
-            if (e > bound) {
-                fprintf(stderr, "rank %d: %s [%zu] = %g, avg %g, error %g > bound %g\n", rank, name,
-                        i, g[i], avg[i], e, bound);
-                bad = 1;
-            }
-            if (e / bound > worst) worst = e / bound;
-        }
-    }
+    int bad = check_bound(g, avg, ms, mabs, n, B, t, L, 0, "flat", &worst);
     agree(bad, name);
     /* bytes: the dense ring all-reduce divided by the payload ratio (up to
      * the per-chunk rounding of the encoded sizes), nothing with one rank */
@@ -443,31 +453,9 @@ static void node_case(comm_cx_type t, int L, int want_hier, size_t n) {
     uint64_t bytes = 0;
     agree(comm_cx_allreduce(cx, g, n, 0, COMM_AVG, &bytes) != 0, name);
     agree(identical(g, n, name), "node-aware identical on all ranks");
-    int bad = 0;
+    /* the node sums are fp32 sums: a few ulps of the addends on top */
     double worst = 0;
-    for (size_t b0 = 0; b0 < n && !bad; b0 += B) {
-        size_t b1 = b0 + B < n ? b0 + B : n;
-        double amax = 0;
-        for (size_t i = b0; i < b1; i++)
-            amax = fmax(amax, fabs(avg[i]));
-        for (size_t i = b0; i < b1 && !bad; i++) {
-            double e = fabs(g[i] - avg[i]), bound;
-            if (L)
-                bound = ms[i] + (size > 1 ? (amax + ms[i]) / L : 0);
-            else {
-                double u = t == COMM_CX_FP16 ? 0x1p-11 : 0x1p-8;
-                bound = u * mabs[i] + (size > 1 ? u * (fabs(avg[i]) + u * mabs[i]) : 0) + 0x1p-24;
-            }
-            /* the node sums are fp32 sums: a few ulps of the addends */
-            bound = bound * (1 + 1e-5) + 1e-6 * mabs[i] + 1e-12;
-            if (e > bound) {
-                fprintf(stderr, "rank %d: %s node-aware [%zu] = %g, avg %g, error %g > %g\n", rank,
-                        name, i, g[i], avg[i], e, bound);
-                bad = 1;
-            }
-            if (e / bound > worst) worst = e / bound;
-        }
-    }
+    int bad = check_bound(g, avg, ms, mabs, n, B, t, L, 1e-6, "node-aware", &worst);
     agree(bad, "node-aware error bound");
     /* bytes: compressed 1/q of the buffer between nodes, dense inside */
     uint64_t tot = 0, nb = comm_cx_node_bytes(cx), ntot = 0;
