@@ -9,6 +9,29 @@ trap 'rm -rf "$TMP"' EXIT
 
 die() { echo "FAIL: $*" >&2; exit 1; }
 
+# emu_instance PREFIX NET: an emulated cluster of this test's own
+# (tools/emu-cluster.sh as $EMU, namespaces PREFIX-*, subnet NET.0/24, state
+# in $TMP), torn down with $TMP on exit; exits 77 (skip) where network
+# namespaces cannot be created.
+emu_instance() {
+    EMU=$PWD/tools/emu-cluster.sh
+    export EMU_DIR=$TMP/emu EMU_PREFIX=$1 EMU_NET=$2 EMU_SLOTS=2
+    trap emu_cleanup EXIT
+    trap 'exit 143' TERM INT
+    local probe=$1-probe$$
+    if ! ip netns add "$probe" >/dev/null 2>&1; then
+        echo "SKIP: cannot create network namespaces here (need root and CONFIG_NET_NS)"
+        exit 77
+    fi
+    ip netns del "$probe"
+}
+emu_cleanup() {
+    local rc=$?
+    bash "$EMU" down >/dev/null 2>&1 || true
+    rm -rf "$TMP"
+    exit $rc
+}
+
 # A byte-level corpus prepared once per build tree and shared by the tests.
 test_data() {
     local d=${BUILD_DIR:-build}/test-data/fortunes

@@ -6,57 +6,33 @@
 # much faster) and the selector must choose differently for 8 B and 64 MiB.
 # Everything is torn down on exit. Exit 0 pass, 77 skip (no network
 # namespaces here), else fail. Not a benchmark: the bounds are loose.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-EMU=$PWD/tools/emu-cluster.sh
-MPILM=${MPILM:-$PWD/build/mpilm}
+source tests/e2e/lib.sh
+emu_instance mpilma 10.213.78
 
-WORK=$(mktemp -d /tmp/mpilm-test-emuar.XXXXXX)
-# an instance of its own (prefix, subnet), apart from test_emu_cluster.sh's
-export EMU_DIR=$WORK/emu EMU_PREFIX=mpilma EMU_NET=10.213.78 EMU_SLOTS=2
-export OMP_NUM_THREADS=1
+[[ -x $MPILM ]] || die "$MPILM not built (make)"
 
-cleanup() {
-    local rc=$?
-    bash "$EMU" down >/dev/null 2>&1 || true
-    rm -rf "$WORK"
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 143' TERM INT
+bash "$EMU" up 2 1gbit || die "emu-cluster up failed"
 
-fail() { echo "FAIL: $*" >&2; exit 1; }
-
-probe=mpilma-probe$$
-if ! ip netns add "$probe" >/dev/null 2>&1; then
-    echo "SKIP: cannot create network namespaces here (need root and CONFIG_NET_NS)"
-    exit 77
-fi
-ip netns del "$probe"
-[[ -x $MPILM ]] || fail "$MPILM not built (make)"
-
-bash "$EMU" up 2 1gbit || fail "emu-cluster up failed"
-
-out=$WORK/bench.out
+out=$TMP/bench.out
 timeout -k 5 240 bash "$EMU" run -np 4 --per-node 2 -- "$MPILM" bench allreduce --explain \
-    --sizes 8,65536,1048576,67108864 --iters 5 --label emu-1gbit --csv "$WORK/ar.csv" \
-    >"$out" 2>&1 || { cat "$out"; fail "bench allreduce across the emulated nodes failed"; }
+    --sizes 8,65536,1048576,67108864 --iters 5 --label emu-1gbit --csv "$TMP/ar.csv" \
+    >"$out" 2>&1 || { cat "$out"; die "bench allreduce across the emulated nodes failed"; }
 cat "$out"
 
 grep -q '^comm: layout: 4 ranks on 2 nodes, at most 2 per node' "$out" \
-    || fail "the selector did not see 2 nodes x 2 ranks"
+    || die "the selector did not see 2 nodes x 2 ranks"
 # MB/s of a probe line ("... beta X ns/B (Y MB/s)" or "(Y GB/s)")
 mbps() {
     sed -n "s/^comm: probe.*$1 alpha .* (\([0-9.]*\) \([MG]\)B\/s)$/\1 \2/p" "$out" | head -1 |
         awk '{ print ($2 == "G") ? $1 * 1000 : $1 }'
 }
 inter=$(mbps inter-node); intra=$(mbps intra-node)
-[[ -n $inter && -n $intra ]] || fail "no probe bandwidth lines"
+[[ -n $inter && -n $intra ]] || die "no probe bandwidth lines"
 echo "probe: inter-node $inter MB/s (shaped 125 MB/s), intra-node $intra MB/s"
 awk -v x="$inter" 'BEGIN { exit !(x >= 30 && x <= 190) }' \
-    || fail "inter-node bandwidth $inter MB/s is not near 1 Gbit/s (30..190 MB/s)"
+    || die "inter-node bandwidth $inter MB/s is not near 1 Gbit/s (30..190 MB/s)"
 awk -v a="$intra" -v e="$inter" 'BEGIN { exit !(a >= 5 * e) }' \
-    || fail "intra-node bandwidth $intra MB/s is not much above inter-node $inter MB/s"
+    || die "intra-node bandwidth $intra MB/s is not much above inter-node $inter MB/s"
 
 # choice per size from the model table: the "8 B" / "64 MiB" rows end in the
 # alpha-beta model's own pick, then the final (calibrated) choice. Only the
@@ -66,15 +42,15 @@ awk -v a="$intra" -v e="$inter" 'BEGIN { exit !(a >= 5 * e) }' \
 col() { awk -v s="$1" -v u="$2" -v k="$3" '$1 == s && $2 == u { print $(NF - k) }' "$out" | head -1; }
 m8=$(col 8 B 1); m64=$(col 64 MiB 1); c8=$(col 8 B 0); c64=$(col 64 MiB 0)
 echo "selector: model 8 B -> $m8, 64 MiB -> $m64; calibrated 8 B -> $c8, 64 MiB -> $c64"
-[[ -n $m8 && -n $m64 && -n $c8 && -n $c64 ]] || fail "no choice rows in the explain table"
-grep -q 'model-alone  choice$' "$out" || fail "explain table lacks the model-alone column"
+[[ -n $m8 && -n $m64 && -n $c8 && -n $c64 ]] || die "no choice rows in the explain table"
+grep -q 'model-alone  choice$' "$out" || die "explain table lacks the model-alone column"
 # With 2 ranks per node and a link 100x slower than shared memory the
 # two-level algorithm can be right at every size; any other repeat is wrong.
-[[ $m8 != "$m64" || $m8 == hierarchical* ]] || fail "model picks the same ($m8) for 8 B and 64 MiB"
-grep -q '^# adaptive <= MPI_Allreduce at' "$out" || fail "no summary line"
-[[ $(grep -c '^emu-1gbit,4,2,2,' "$WORK/ar.csv") -eq 32 ]] || fail "CSV rows missing"
+[[ $m8 != "$m64" || $m8 == hierarchical* ]] || die "model picks the same ($m8) for 8 B and 64 MiB"
+grep -q '^# adaptive <= MPI_Allreduce at' "$out" || die "no summary line"
+[[ $(grep -c '^emu-1gbit,4,2,2,' "$TMP/ar.csv") -eq 32 ]] || die "CSV rows missing"
 
-bash "$EMU" down || fail "emu-cluster down failed"
+bash "$EMU" down || die "emu-cluster down failed"
 left=$( (ip netns list; ip -o link show) | grep -c 'mpilma-' || true)
-[[ $left -eq 0 ]] || fail "down left $left namespaces/links behind"
+[[ $left -eq 0 ]] || die "down left $left namespaces/links behind"
 echo "PASS: emulated 2x2 at 1gbit: probe inter $inter MB/s, intra $intra MB/s; model 8 B -> $m8, 64 MiB -> $m64; chosen $c8, $c64"

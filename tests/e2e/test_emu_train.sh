@@ -9,25 +9,7 @@
 # Everything is torn down on exit. Exit 0 pass, 77 skip (no network
 # namespaces here), else fail. Not a benchmark: nothing is timed.
 source tests/e2e/lib.sh
-EMU=$PWD/tools/emu-cluster.sh
-# an instance of its own (prefix, subnet), apart from the other emulated tests
-export EMU_DIR=$TMP/emu EMU_PREFIX=mpilmtr EMU_NET=10.213.81 EMU_SLOTS=2
-
-cleanup() {
-    local rc=$?
-    bash "$EMU" down >/dev/null 2>&1 || true
-    rm -rf "$TMP"
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 143' TERM INT
-
-probe=mpilmtr-probe$$
-if ! ip netns add "$probe" >/dev/null 2>&1; then
-    echo "SKIP: cannot create network namespaces here (need root and CONFIG_NET_NS)"
-    exit 77
-fi
-ip netns del "$probe"
+emu_instance mpilmtr 10.213.81
 [[ -x $MPILM ]] || die "$MPILM not built (make)"
 DATA=$(test_data)
 STEPS=20
