@@ -1,7 +1,8 @@
 /* comm_ar: all-reduce algorithms on MPI point-to-point (see allreduce.h).
  *
  * Layout of this file: error helpers, context, message helpers that split
- * transfers above max_msg elements, the algorithms (each an "impl" working
+ * transfers above max_msg elements (inter_msg between nodes, a window of
+ * pieces in flight), the algorithms (each an "impl" working
  * on any communicator, so hierarchical can run them among node leaders),
  * the public wrappers and table, the cost model.
  *
@@ -39,6 +40,11 @@ enum {
  * workers * PS_SEG floats and pipelines summing with receiving. */
 #define PS_SEG ((size_t)1 << 20)
 
+/* Pieces of one transfer in flight at once (each way) when it is split:
+ * enough to keep a link busy (AR_WINDOW x inter_msg bytes queued) without
+ * one request per piece of a 256 MiB buffer. */
+#define AR_WINDOW 64
+
 /* Hierarchical: smallest slice (elements) for the sliced scheme; below it the
  * leader scheme's fewer intra-node steps win. */
 #define HIER_SLICE_MIN ((size_t)1024)
@@ -54,6 +60,8 @@ struct comm_ar {
     int rank, size, node_rank, node_size, n_nodes;
     int ps_ranks, n_contrib; /* dedicated servers; size - ps_ranks */
     size_t max_msg;          /* elements per point-to-point message */
+    size_t inter_msg;        /* the same between ranks on different nodes */
+    int *node_of;            /* node of every rank of comm */
     ar_impl inter;           /* hierarchical: algorithm among leaders */
     float *scratch;
     size_t scratch_cap;
@@ -150,23 +158,40 @@ static int piece(const comm_ar *ar, size_t left) {
     return (int)(left < ar->max_msg ? left : ar->max_msg);
 }
 
+/* Largest message to `peer` of `comm`: inter_msg when the peer is on another
+ * node (every peer of the leader and slice communicators is), else max_msg.
+ * Symmetric, so both ends of a transfer split it the same way. */
+static size_t cap(const comm_ar *ar, MPI_Comm comm, int peer) {
+    int across = peer >= 0 && (comm == ar->leader_comm || comm == ar->slice_comm ||
+                               (comm == ar->comm && ar->node_of[peer] != ar->node_of[ar->rank]));
+    return across ? ar->inter_msg : ar->max_msg;
+}
+
+static int cut(size_t left, size_t c) {
+    return (int)(left < c ? left : c);
+}
+
 /* Sends scount floats to dst while receiving rcount from src (either may be
- * 0: nothing is posted). Both sides split at the same max_msg, so pieces
- * match in order (MPI's non-overtaking rule). */
+ * 0: nothing is posted), split at cap() into pieces with up to AR_WINDOW of
+ * them in flight each way. Both sides split alike, so pieces match in order
+ * (MPI's non-overtaking rule). Pieces under the transport's eager limit
+ * stream where one large message would wait for a rendezvous handshake
+ * queued behind the other direction's data (Open MPI over TCP). */
 static int xchg(comm_ar *ar, MPI_Comm comm, const float *sbuf, size_t scount, int dst, float *rbuf,
                 size_t rcount, int src, int tag) {
     int err = 0;
-    size_t so = 0, ro = 0;
+    size_t so = 0, ro = 0, sc = cap(ar, comm, dst), rc = cap(ar, comm, src);
+    MPI_Request *rq = ar_reqs(ar, 2 * AR_WINDOW);
+    if (!rq) return COMM_ERR_NOMEM;
     while (so < scount || ro < rcount) {
-        MPI_Request rq[2];
         int nr = 0;
-        if (ro < rcount) {
-            int c = piece(ar, rcount - ro);
+        for (int w = 0; w < AR_WINDOW && ro < rcount; w++) {
+            int c = cut(rcount - ro, rc);
             MPI_CHECK(MPI_Irecv(rbuf + ro, c, MPI_FLOAT, src, tag, comm, &rq[nr++]));
             ro += (size_t)c;
         }
-        if (so < scount) {
-            int c = piece(ar, scount - so);
+        for (int w = 0; w < AR_WINDOW && so < scount; w++) {
+            int c = cut(scount - so, sc);
             MPI_CHECK(MPI_Isend(sbuf + so, c, MPI_FLOAT, dst, tag, comm, &rq[nr++]));
             so += (size_t)c;
             ar->bytes_sent += (uint64_t)c * sizeof(float);
@@ -178,26 +203,11 @@ done:
 }
 
 static int send_f(comm_ar *ar, MPI_Comm comm, const float *buf, size_t n, int dst, int tag) {
-    int err = 0;
-    for (size_t o = 0; o < n;) {
-        int c = piece(ar, n - o);
-        MPI_CHECK(MPI_Send(buf + o, c, MPI_FLOAT, dst, tag, comm));
-        o += (size_t)c;
-        ar->bytes_sent += (uint64_t)c * sizeof(float);
-    }
-done:
-    return err;
+    return xchg(ar, comm, buf, n, dst, NULL, 0, MPI_PROC_NULL, tag);
 }
 
 static int recv_f(comm_ar *ar, MPI_Comm comm, float *buf, size_t n, int src, int tag) {
-    int err = 0;
-    for (size_t o = 0; o < n;) {
-        int c = piece(ar, n - o);
-        MPI_CHECK(MPI_Recv(buf + o, c, MPI_FLOAT, src, tag, comm, MPI_STATUS_IGNORE));
-        o += (size_t)c;
-    }
-done:
-    return err;
+    return xchg(ar, comm, NULL, 0, MPI_PROC_NULL, buf, n, src, tag);
 }
 
 /* Block i of n elements cut into k near-equal blocks: offset (and length as
@@ -665,6 +675,14 @@ done:
     return err;
 }
 
+void comm_ar_set_inter_msg(comm_ar *ar, size_t count) {
+    if (ar) ar->inter_msg = count && count < ar->max_msg ? count : ar->max_msg;
+}
+
+size_t comm_ar_inter_msg(const comm_ar *ar) {
+    return ar ? ar->inter_msg : 0;
+}
+
 int comm_ar_n_nodes(const comm_ar *ar) {
     return ar ? ar->n_nodes : 0;
 }
@@ -694,9 +712,10 @@ int comm_ar_create(MPI_Comm comm, const comm_ar_opts *opts, comm_ar **out) {
     ar->ps_ranks = o.ps_ranks;
     ar->n_contrib = ar->size - o.ps_ranks;
     ar->max_msg = o.max_msg && o.max_msg < (size_t)INT_MAX ? o.max_msg : (size_t)INT_MAX;
+    ar->inter_msg = o.inter_msg && o.inter_msg < ar->max_msg ? o.inter_msg : ar->max_msg;
     if (!(ar->inter = find_inter(o.inter ? o.inter : "rabenseifner")))
         AR_FAIL(COMM_ERR_ARG, "comm_ar_create: unknown inter-node algorithm '%s'", o.inter);
-    if (!(nodes = malloc((size_t)ar->size * sizeof *nodes)))
+    if (!(nodes = ar->node_of = malloc((size_t)ar->size * sizeof *nodes)))
         AR_FAIL(COMM_ERR_NOMEM, "comm_ar_create: out of memory");
     if (o.node_of_rank) {
         /* the override must be valid and identical everywhere */
@@ -736,7 +755,6 @@ int comm_ar_create(MPI_Comm comm, const comm_ar_opts *opts, comm_ar **out) {
         MPI_CHECK(MPI_Comm_set_errhandler(ar->slice_comm, MPI_ERRORS_RETURN));
     }
 done:
-    free(nodes);
     if (err)
         comm_ar_destroy(ar);
     else
@@ -754,6 +772,7 @@ void comm_ar_destroy(comm_ar *ar) {
         if (ar->node_comm != MPI_COMM_NULL) MPI_Comm_free(&ar->node_comm);
         if (ar->comm != MPI_COMM_NULL) MPI_Comm_free(&ar->comm);
     }
+    free(ar->node_of);
     free(ar->scratch);
     free(ar->reqs);
     free(ar);

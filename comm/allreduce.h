@@ -90,6 +90,11 @@ typedef struct {
     /* Largest point-to-point message in elements; 0: INT_MAX. Larger transfers
      * are split. Tests lower it to exercise the splitting. */
     size_t max_msg;
+    /* Largest message between ranks on different nodes; 0: max_msg. Split
+     * transfers keep a window of pieces in flight. Pieces under the
+     * transport's eager limit stream where whole messages stall (Open MPI's
+     * TCP transport: see comm_sel's stream check, which sets it). */
+    size_t inter_msg;
 } comm_ar_opts;
 
 /* Collective over comm. opts may be NULL (all defaults). On error *out is
@@ -102,6 +107,11 @@ void comm_ar_destroy(comm_ar *ar);
  * the same choice before the next call. Returns COMM_ERR_ARG for an unknown
  * name or "hierarchical". */
 int comm_ar_set_inter(comm_ar *ar, const char *name);
+
+/* Local. Sets inter_msg (elements; 0: max_msg); every rank must set the same
+ * value before the next call. comm_ar_inter_msg returns the value in use. */
+void comm_ar_set_inter_msg(comm_ar *ar, size_t count);
+size_t comm_ar_inter_msg(const comm_ar *ar);
 
 /* Local queries: number of nodes seen by hierarchical; bytes this rank sent
  * so far through this context (for `mpi`, the ring-equivalent estimate). */

@@ -6,7 +6,10 @@
  * at once, as in a collective step, so the cost of ranks sharing cores is
  * in it) and the inverse bandwidth beta (s/byte; one pair alone, 4 MiB
  * messages), and the local reduction cost gamma
- * (s/byte summed, all ranks at once). The alpha-
+ * (s/byte summed, all ranks at once); across nodes a stream check then
+ * times back-to-back 4 MiB hierarchical calls with whole messages and with
+ * eager-sized pieces between nodes and keeps the faster (comm_ar inter_msg;
+ * Open MPI over TCP stalls on whole messages sent both ways). The alpha-
  * beta-gamma model of comm/allreduce.h (comm_ar_model_time and
  * comm_ar_model_time_hier) then predicts every algorithm's time per message
  * size: the prior. The probe then calibrates: it times every candidate
@@ -82,6 +85,11 @@ typedef struct {
     double alpha_intra, beta_intra; /* s/message, s/byte between ranks of one node */
     double alpha_inter, beta_inter; /* between nodes; copies of intra on one node */
     double gamma;                   /* s/byte of a local float sum */
+    /* Stream check across nodes (0 on one node): seconds of a 4 MiB
+     * hierarchical(ring) call with whole messages / pieces between nodes,
+     * and the piece size chosen (elements; 0: whole messages). */
+    double stream_whole, stream_piece;
+    size_t inter_msg;
     double seconds;                 /* how long the probe took (0 for synthetic) */
 } comm_sel_probe;
 

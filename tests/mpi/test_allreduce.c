@@ -33,7 +33,7 @@ typedef struct {
     comm_ar *flat;  /* defaults, detected nodes */
     comm_ar *pairs; /* node = rank / 2 */
     comm_ar *slice; /* node = rank / 2, sliced hierarchical */
-    comm_ar *mod3;  /* node = rank % 3: non-contiguous nodes */
+    comm_ar *mod3;  /* node = rank % 3: non-contiguous nodes; inter_msg = 700 */
     comm_ar *ps1;   /* last rank a dedicated server (size > 1) */
     comm_ar *ps2;   /* last two ranks dedicated servers (size > 2) */
     comm_ar *small; /* max_msg = 1000, node = rank / 3 */
@@ -276,14 +276,19 @@ static void test_dedicated_servers(void **state) {
     agree(bad, "dedicated parameter servers");
 }
 
-/* max_msg = 1000 elements: every transfer is split into many messages */
+/* max_msg = 1000 elements: every transfer is split into many messages;
+ * inter_msg = 700 (node = rank % 3): transfers between nodes only, more
+ * pieces than the window of 64 at the largest count */
 static void test_split_messages(void **state) {
     fixture *fx = *state;
     size_t c[] = {999, 1001, (size_t)1000 * fx->size + 1, 100003};
     int bad = 0;
+    bad |= comm_ar_inter_msg(fx->mod3) != 700 || comm_ar_inter_msg(fx->small) != 1000;
     for (const comm_ar_algo *a = comm_ar_algos; a->name; a++)
-        for (size_t k = 0; k < sizeof c / sizeof c[0]; k++)
+        for (size_t k = 0; k < sizeof c / sizeof c[0]; k++) {
             bad += run_case(fx, fx->small, a, c[k], fx->size, INTS, COMM_SUM, "max_msg=1000");
+            bad += run_case(fx, fx->mod3, a, c[k], fx->size, INTS, COMM_SUM, "inter_msg=700");
+        }
     agree(bad, "split messages");
 }
 
@@ -457,7 +462,9 @@ static int setup(void **state) {
     o.hier_sliced = 0;
     for (int i = 0; i < fx->size; i++)
         nodes[i] = i % 3;
+    o.inter_msg = 700;
     rc |= comm_ar_create(MPI_COMM_WORLD, &o, &fx->mod3);
+    o.inter_msg = 0;
     for (int i = 0; i < fx->size; i++)
         nodes[i] = i / 3;
     o.max_msg = 1000;

@@ -16,6 +16,7 @@
 
 #include <cmocka.h>
 
+#include <limits.h>
 #include <math.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -287,6 +288,15 @@ static void test_calibration(void **state) {
                 other);
     bad |= check_calibrated_choices(sel);
     agree(bad, "two nodes: hierarchical calibrated per inter-node algorithm");
+    /* the stream check ran and its choice is the one set on the context */
+    const comm_sel_probe *pr = comm_sel_get_probe(sel);
+    bad = !(pr->stream_whole > 0 && pr->stream_piece > 0) ||
+          (pr->inter_msg != 0 && pr->inter_msg != 16000) ||
+          comm_ar_inter_msg(ar2) != (pr->inter_msg ? pr->inter_msg : (size_t)INT_MAX);
+    if (bad)
+        fprintf(stderr, "two nodes: stream check %g / %g s, inter_msg %zu, context %zu\n",
+                pr->stream_whole, pr->stream_piece, pr->inter_msg, comm_ar_inter_msg(ar2));
+    agree(bad, "two nodes: stream check sets the piece size");
     comm_sel_destroy(sel);
     comm_ar_destroy(ar2);
 }
