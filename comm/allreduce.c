@@ -683,6 +683,42 @@ size_t comm_ar_inter_msg(const comm_ar *ar) {
     return ar ? ar->inter_msg : 0;
 }
 
+int comm_ar_stream_check(comm_ar *ar, double *t_whole, double *t_piece) {
+    const size_t n = (size_t)1 << 20; /* 4 MiB */
+    const int calls = 3;
+    int err = 0, local = 0;
+    double t[2] = {1e30, 1e30};
+    float *buf = NULL;
+    if (t_whole) *t_whole = 0;
+    if (t_piece) *t_piece = 0;
+    if (!ar) return ar_fail(COMM_ERR_ARG, __FILE__, __LINE__, "stream check: NULL context");
+    if (ar->n_nodes < 2) return 0;
+    ar_impl inter = ar->inter;
+    ar->inter = ring_impl;
+    if (!(buf = calloc(n, sizeof *buf))) local = COMM_ERR_NOMEM;
+    for (int rep = 0; rep < 4; rep++) {
+        comm_ar_set_inter_msg(ar, rep % 2 ? COMM_AR_STREAM_PIECE : 0);
+        MPI_CHECK(MPI_Barrier(ar->comm));
+        double t0 = MPI_Wtime();
+        for (int k = 0; k < calls && buf && !local; k++)
+            local = hier_impl(ar, ar->comm, buf, n);
+        t[rep % 2] = fmin(t[rep % 2], MPI_Wtime() - t0);
+    }
+    double w[3] = {t[0] / calls, t[1] / calls, (double)-local};
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, w, 3, MPI_DOUBLE, MPI_MAX, ar->comm));
+    if (w[2] > 0) {
+        err = -(int)w[2];
+        goto done;
+    }
+    comm_ar_set_inter_msg(ar, w[1] <= 0.9 * w[0] ? COMM_AR_STREAM_PIECE : 0);
+    if (t_whole) *t_whole = w[0];
+    if (t_piece) *t_piece = w[1];
+done:
+    ar->inter = inter;
+    free(buf);
+    return err;
+}
+
 int comm_ar_n_nodes(const comm_ar *ar) {
     return ar ? ar->n_nodes : 0;
 }

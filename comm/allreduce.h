@@ -108,6 +108,22 @@ void comm_ar_destroy(comm_ar *ar);
  * name or "hierarchical". */
 int comm_ar_set_inter(comm_ar *ar, const char *name);
 
+/* Collective, for contexts spanning nodes (returns 0 at once on one node):
+ * whether transfers between nodes go as pieces. One large message per
+ * transfer stalls on some transports when transfers follow each other both
+ * ways: Open MPI's TCP transport waits for a rendezvous reply queued behind
+ * the other direction's data (1.5-1.7x slower on the emulated 1 Gbit/s
+ * link, bench/RESULTS.md), while pieces under its eager limit stream. Times
+ * 3 back-to-back 4 MiB hierarchical(ring) calls with whole messages and with
+ * COMM_AR_STREAM_PIECE-element pieces, alternating, best of two each, and
+ * keeps pieces when they take at most 0.9x. Seconds per call in *t_whole
+ * and *t_piece (may be NULL); hierarchical's inter-node algorithm is left as
+ * it was. Same result on every rank (agreed by a MAX reduction). */
+int comm_ar_stream_check(comm_ar *ar, double *t_whole, double *t_piece);
+/* 64000 bytes: under Open MPI's default TCP eager limit (64 KiB, header
+ * included). */
+#define COMM_AR_STREAM_PIECE ((size_t)16000)
+
 /* Local. Sets inter_msg (elements; 0: max_msg); every rank must set the same
  * value before the next call. comm_ar_inter_msg returns the value in use. */
 void comm_ar_set_inter_msg(comm_ar *ar, size_t count);

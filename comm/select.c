@@ -6,6 +6,7 @@
  */
 #include "comm/select.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -22,13 +23,6 @@ static const size_t cal_sizes[COMM_SEL_NCAL] = {8, (size_t)64 << 10, MIB, 16 * M
 static const int cal_reps[COMM_SEL_NCAL] = {11, 7, 5, 3};
 #define CAL_PRUNE 3.0 /* not timed further when over 3x the best (from 1 MiB) */
 #define EXPLAIN_MAX ((size_t)256 << 20)
-/* Stream check across nodes: back-to-back hierarchical(ring) all-reduces of
- * STREAM_BYTES, whole messages against pieces of STREAM_PIECE floats (64000
- * B: under Open MPI's default TCP eager limit of 64 KiB with header). */
-#define STREAM_BYTES ((size_t)4 << 20)
-#define STREAM_CALLS 3
-#define STREAM_PIECE ((size_t)16000)
-#define STREAM_GAIN 0.9 /* pieces when at most 0.9x the whole-message time */
 
 /* Inter-node algorithms of hierarchical the model considers. */
 static const char *const inter_names[] = {"ring", "recursive_doubling", "rabenseifner",
@@ -381,43 +375,15 @@ static double measure_gamma(float *dst, const float *src, size_t n) {
 static int calibrate(comm_sel *s);
 static double prior(const comm_sel *s, const char *name, size_t bytes, const char **inter);
 
-/* Collective, across nodes only: whether transfers between nodes go as
- * pieces (comm_ar_set_inter_msg). One large message per transfer stalls on
- * some transports when transfers follow each other both ways (Open MPI's TCP
- * transport waits for a rendezvous reply queued behind the other direction's
- * data: 1.5-1.7x slower on the emulated 1 Gbit/s link, bench/RESULTS.md);
- * eager-sized pieces stream. Times STREAM_CALLS back-to-back calls each way,
- * alternating, best of two. Leaves the result set on s->ar. */
+/* Collective, across nodes only: comm_ar_stream_check on s->ar, recorded in
+ * the probe. */
 static int stream_check(comm_sel *s) {
-    int err = 0, local = 0;
-    double t[2] = {1e30, 1e30};
-    float *buf = NULL;
     s->pr.inter_msg = 0;
     s->pr.stream_whole = s->pr.stream_piece = 0;
     if (!s->ar || s->lay.nodes < 2) return 0;
-    if (comm_ar_set_inter(s->ar, "ring")) return COMM_ERR_ARG;
-    if (!(buf = calloc(STREAM_BYTES / sizeof(float), sizeof *buf))) local = COMM_ERR_NOMEM;
-    s->cur_inter = NULL;
-    for (int rep = 0; rep < 4; rep++) {
-        comm_ar_set_inter_msg(s->ar, rep % 2 ? STREAM_PIECE : 0);
-        MPI_CHECK(MPI_Barrier(s->comm));
-        double t0 = MPI_Wtime();
-        for (int k = 0; k < STREAM_CALLS && buf && !local; k++)
-            local = comm_ar_hierarchical(s->ar, buf, STREAM_BYTES / sizeof(float), COMM_SUM);
-        double dt = MPI_Wtime() - t0;
-        t[rep % 2] = fmin(t[rep % 2], dt);
-    }
-    double w[3] = {t[0], t[1], (double)-local};
-    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, w, 3, MPI_DOUBLE, MPI_MAX, s->comm));
-    if (w[2] > 0) {
-        err = -(int)w[2];
-        goto done;
-    }
-    s->pr.stream_whole = w[0] / STREAM_CALLS, s->pr.stream_piece = w[1] / STREAM_CALLS;
-    s->pr.inter_msg = w[1] <= STREAM_GAIN * w[0] ? STREAM_PIECE : 0;
-    comm_ar_set_inter_msg(s->ar, s->pr.inter_msg);
-done:
-    free(buf);
+    s->cur_inter = NULL; /* the check changes ar's inter-node algorithm */
+    int err = comm_ar_stream_check(s->ar, &s->pr.stream_whole, &s->pr.stream_piece);
+    s->pr.inter_msg = comm_ar_inter_msg(s->ar) < (size_t)INT_MAX ? comm_ar_inter_msg(s->ar) : 0;
     return err;
 }
 
@@ -884,10 +850,10 @@ void comm_sel_explain(const comm_sel *s, FILE *f) {
         fprintf(f, "comm: probe: inter-node: none (one node)\n");
     if (p->stream_whole > 0)
         fprintf(f,
-                "comm: probe: stream check: %d x 4 MiB hierarchical(ring) %s per call with whole "
+                "comm: probe: stream check: 4 MiB hierarchical(ring) %s per call with whole "
                 "messages between nodes, %s with %zu-B pieces -> %s\n",
-                STREAM_CALLS, fmt_time(p->stream_whole, a, sizeof a),
-                fmt_time(p->stream_piece, b, sizeof b), STREAM_PIECE * sizeof(float),
+                fmt_time(p->stream_whole, a, sizeof a), fmt_time(p->stream_piece, b, sizeof b),
+                COMM_AR_STREAM_PIECE * sizeof(float),
                 p->inter_msg ? "pieces" : "whole messages");
     fprintf(f, "comm: probe: gamma %.3g ns/B (local sum %s)\n", p->gamma * 1e9,
             fmt_bw(p->gamma, c, sizeof c));

@@ -49,6 +49,11 @@ for s in hierarchical adaptive; do
 done
 grep -q '"algorithm": "hierarchical' "$TMP/log-hierarchical/metrics.jsonl" ||
     die "hierarchical: metrics.jsonl does not name it"
+# both measured whole messages against pieces between nodes at start-up
+for s in hierarchical adaptive; do
+    grep -Eq '^comm: (probe: )?stream check: .* -> (pieces|whole messages)$' "$TMP/out-$s" ||
+        die "$s: no stream check line at start-up"
+done
 # adaptive: the selector saw the two nodes and named its pick in the log and metrics
 grep -q '^comm: layout: 4 ranks on 2 nodes, at most 2 per node' "$TMP/out-adaptive" ||
     die "adaptive: the selector did not see 2 nodes x 2 ranks"

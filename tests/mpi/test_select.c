@@ -291,7 +291,7 @@ static void test_calibration(void **state) {
     /* the stream check ran and its choice is the one set on the context */
     const comm_sel_probe *pr = comm_sel_get_probe(sel);
     bad = !(pr->stream_whole > 0 && pr->stream_piece > 0) ||
-          (pr->inter_msg != 0 && pr->inter_msg != 16000) ||
+          (pr->inter_msg != 0 && pr->inter_msg != COMM_AR_STREAM_PIECE) ||
           comm_ar_inter_msg(ar2) != (pr->inter_msg ? pr->inter_msg : (size_t)INT_MAX);
     if (bad)
         fprintf(stderr, "two nodes: stream check %g / %g s, inter_msg %zu, context %zu\n",
