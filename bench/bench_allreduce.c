@@ -30,7 +30,7 @@ static void usage(FILE *f) {
     fprintf(f, "usage: mpilm bench allreduce [--sizes MIN:MAX[:FACTOR] | --sizes A,B,...]\n"
                "                             [--algos all|NAME,...] [--iters N] [--explain]\n"
                "                             [--topo shared|hostname|latency] [--label L]\n"
-               "                             [--csv FILE]\n"
+               "                             [--csv FILE] [--calib-budget S] [--tune N]\n"
                "Latency (avg/min/max over ranks, median over iterations), algbw and busbw of\n"
                "every all-reduce algorithm, 'adaptive' (the selector's pick per size) and\n"
                "'mpi' (MPI_Allreduce) in the same run; adaptive/MPI and adaptive/best-fixed\n"
@@ -38,6 +38,10 @@ static void usage(FILE *f) {
                "(5 N up to 64 KiB; fewer above 1 MiB: N x 1 MiB / size, at least 3).\n"
                "--calib-budget S: the selector's calibration budget in seconds (0: default,\n"
                "-1: none, the model alone).\n"
+               "--tune N: adaptive tunes online first, as in training: the candidates\n"
+               "predicted within 1.5x of the best, N timed calls each, the fastest median\n"
+               "kept (default 3; 0: the start-up choice alone). The calls are reported\n"
+               "apart, not in the timed iterations.\n"
                "--explain prints the selector's probe, model table and choice per size.\n");
 }
 
@@ -79,7 +83,7 @@ static double median(double *v, int n) {
 
 int bench_allreduce(int argc, char **argv, MPI_Comm comm) {
     const char *sizes_s = "4:268435456:4", *algos_s = "all", *csv = NULL, *label = "local";
-    int iters = 20, explain = 0;
+    int iters = 20, explain = 0, tune = 3;
     double calib_budget = 0;
     comm_topo_method topo = COMM_TOPO_SHARED;
     for (int i = 1; i < argc; i++) {
@@ -95,6 +99,8 @@ int bench_allreduce(int argc, char **argv, MPI_Comm comm) {
             label = argv[++i];
         else if (!strcmp(argv[i], "--explain"))
             explain = 1;
+        else if (!strcmp(argv[i], "--tune") && i + 1 < argc)
+            tune = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--calib-budget") && i + 1 < argc)
             calib_budget = atof(argv[++i]);
         else if (!strcmp(argv[i], "--topo") && i + 1 < argc) {
@@ -166,7 +172,7 @@ int bench_allreduce(int argc, char **argv, MPI_Comm comm) {
     int err = comm_ar_create(comm, NULL, &ar);
     if (spmd_agree(comm, err, "mpilm bench allreduce", "cannot create the all-reduce context"))
         return 1;
-    comm_sel_opts so = {.topo = topo, .calib_budget = calib_budget};
+    comm_sel_opts so = {.topo = topo, .calib_budget = calib_budget, .tune = tune};
     err = comm_sel_create(comm, ar, &so, &sel);
     if (spmd_agree(comm, err, "mpilm bench allreduce", "selector probe failed")) {
         rc = 1;
@@ -207,8 +213,9 @@ int bench_allreduce(int argc, char **argv, MPI_Comm comm) {
                "avg_us", "min_us", "max_us", "med_us", "algbw", "busbw");
     }
     double summary[MAX_SIZES][4]; /* adaptive, mpi, best fixed medians, best index */
-    char picks[MAX_SIZES][48];
-    double t_start = MPI_Wtime();
+    char picks[MAX_SIZES][48], tuned[MAX_SIZES][256];
+    double t_start = MPI_Wtime(), t_tune = 0;
+    int n_tune = 0;
     for (int s = 0; s < nsz && !rc; s++) {
         size_t bytes = sizes[s], n = bytes / sizeof(float);
         int it = iters;
@@ -218,6 +225,20 @@ int bench_allreduce(int argc, char **argv, MPI_Comm comm) {
             if (it < 3) it = 3;
             if (it > iters) it = iters;
         }
+        /* adaptive as the trainer runs it: online tuning first (the calls
+         * are counted apart; a training job repeats its bucket sizes) */
+        double tt0 = MPI_Wtime();
+        tuned[s][0] = 0;
+        for (int k = 0; c_adapt >= 0 && k < 64 && comm_sel_tuned(sel, bytes, NULL, 0) == 0; k++) {
+            const comm_ar_algo *a = comm_sel_pick(sel, bytes);
+            MPI_Barrier(comm);
+            double t0 = MPI_Wtime();
+            int e = a->fn(ar, n ? buf : NULL, n, COMM_SUM);
+            if (e || comm_sel_record(sel, bytes, MPI_Wtime() - t0) < 0) break;
+            n_tune++;
+        }
+        t_tune += MPI_Wtime() - tt0;
+        if (comm_sel_tuned(sel, bytes, tuned[s], sizeof tuned[s]) != 1) tuned[s][0] = 0;
         comm_sel_choice(sel, bytes, picks[s], sizeof picks[s], NULL);
         const char *hinter = comm_sel_hier_inter(sel, bytes);
         int fail = 0, order[MAX_COLS];
@@ -285,6 +306,13 @@ int bench_allreduce(int argc, char **argv, MPI_Comm comm) {
         }
         summary[s][2] = best, summary[s][3] = bi;
         fflush(stdout);
+    }
+    if (rank == 0 && !rc && tune > 0 && c_adapt >= 0) {
+        printf("\n# online tuning of adaptive (--tune %d): %d calls, %.1f s, before the timed "
+               "iterations\n",
+               tune, n_tune, t_tune);
+        for (int s = 0; s < nsz; s++)
+            if (tuned[s][0]) printf("# %s\n", tuned[s]);
     }
     if (rank == 0 && !rc) {
         printf("\n# adaptive vs MPI_Allreduce and the best fixed algorithm (medians; < 1 = "

@@ -74,7 +74,10 @@ static void on_event(void *ud, const char *msg) {
     comm_grad *g = ud;
     if (g->o.log) {
         if (!strncmp(msg, "comm: ", 6)) msg += 6;
-        fprintf(g->o.log, "comm: re-selection: %s\n", msg);
+        if (!strncmp(msg, "tuned ", 6))
+            fprintf(g->o.log, "comm: %s\n", msg);
+        else
+            fprintf(g->o.log, "comm: re-selection: %s\n", msg);
         fflush(g->o.log);
     }
 }
@@ -251,6 +254,7 @@ int comm_grad_create(MPI_Comm comm, const comm_grad_opts *o, const comm_grad_ten
         comm_sel_opts so = {.bw_threshold = o->bw_threshold,
                             .lat_threshold = o->lat_threshold,
                             .fallback = g->fallback,
+                            .tune = 3,
                             .on_event = on_event,
                             .ud = g};
         if ((err = comm_sel_create(comm, g->ar, &so, &g->sel))) goto done;

@@ -28,6 +28,29 @@ static const int cal_reps[COMM_SEL_NCAL] = {11, 7, 5, 3};
 static const char *const inter_names[] = {"ring", "recursive_doubling", "rabenseifner",
                                           "tree", "parameter_server",   NULL};
 
+/* Online tuning (comm_sel_opts.tune): per message size, the candidates
+ * predicted within TUNE_WITHIN of the best, each timed `tune` times. */
+#define TUNE_MAX 64 /* sizes; later ones keep the predicted choice */
+#define TUNE_CAND 3
+#define TUNE_REPS 7
+#define TUNE_WITHIN 1.5
+
+/* The choice: algorithm name, hierarchical's inter (or NULL), prediction,
+ * and whether the fallback was taken. */
+typedef struct {
+    const char *name, *inter;
+    double t;
+    int fallback;
+} choice;
+
+typedef struct {
+    size_t bytes;
+    int nc, calls, best; /* best: index into c once all nc x reps are timed, else -1 */
+    choice c[TUNE_CAND];
+    double t[TUNE_CAND][TUNE_REPS];
+    double med[TUNE_CAND];
+} tune_entry;
+
 struct comm_sel {
     MPI_Comm comm; /* dup, MPI_ERRORS_RETURN */
     int rank, size;
@@ -47,6 +70,9 @@ struct comm_sel {
     int slow_run, n_reprobes;
     double calib;
     char event[1024];
+    /* online tuning */
+    tune_entry tune[TUNE_MAX];
+    int ntune;
 };
 
 /* ---- formatting ------------------------------------------------------------ */
@@ -189,14 +215,6 @@ static double cal_factor(const comm_sel_calib *c, const char *name, const char *
                log((double)c->bytes[j + 1] / (double)c->bytes[j]);
     return exp((1 - w) * log(c->f[j][i]) + w * log(c->f[j + 1][i]));
 }
-
-/* The choice: algorithm name, hierarchical's inter (or NULL), prediction,
- * and whether the fallback was taken. */
-typedef struct {
-    const char *name, *inter;
-    double t;
-    int fallback;
-} choice;
 
 static const char *fallback_name(const comm_sel_opts *o) {
     const char *f = o && o->fallback ? o->fallback : "parameter_server";
@@ -673,14 +691,62 @@ void comm_sel_destroy(comm_sel *s) {
     free(s);
 }
 
-static choice sel_choose(const comm_sel *s, size_t bytes) {
+/* The start-up choice (model x calibration), ignoring tuning. */
+static choice sel_predicted(const comm_sel *s, size_t bytes) {
     comm_sel_opts o = s->o;
     return choose(&s->pr, &s->lay, s->cand, s->fallback, slack_of(&o),
                   degraded(&s->pr, &s->lay, &o), &s->cal, bytes);
 }
 
+static const tune_entry *tune_find(const comm_sel *s, size_t bytes) {
+    for (int i = 0; i < s->ntune; i++)
+        if (s->tune[i].bytes == bytes) return &s->tune[i];
+    return NULL;
+}
+
+/* The tuning entry of `bytes`, made on first use: the predicted choice and
+ * the other candidates within TUNE_WITHIN of it, fastest predicted first.
+ * NULL when tuning does not apply. */
+static tune_entry *tune_get(comm_sel *s, size_t bytes) {
+    tune_entry *e = (tune_entry *)tune_find(s, bytes);
+    if (e || s->o.tune <= 0 || s->size < 2 || s->ntune == TUNE_MAX) return e;
+    choice best = sel_predicted(s, bytes);
+    if (best.fallback || !(best.t > 0)) return NULL;
+    e = &s->tune[s->ntune++];
+    memset(e, 0, sizeof *e);
+    e->bytes = bytes, e->best = -1, e->nc = 1, e->c[0] = best;
+    for (int i = 0; s->cand[i]; i++) {
+        const char *x;
+        double t = cand_time(&s->pr, &s->lay, &s->cal, s->cand[i], bytes, &x);
+        if (is(s->cand[i], best.name) || t < 0 || t > TUNE_WITHIN * best.t) continue;
+        /* insertion into c[1..], fastest predicted first, at most TUNE_CAND */
+        int k = e->nc < TUNE_CAND ? e->nc++ : TUNE_CAND;
+        for (; k > 1 && e->c[k - 1].t > t; k--)
+            if (k < TUNE_CAND) e->c[k] = e->c[k - 1];
+        if (k < TUNE_CAND) e->c[k] = (choice){s->cand[i], x, t, 0};
+    }
+    if (e->nc == 1) e->best = 0; /* nothing to compare */
+    return e;
+}
+
+static choice sel_choose(const comm_sel *s, size_t bytes) {
+    const tune_entry *e = tune_find(s, bytes);
+    if (e && e->best >= 0 && e->nc > 1) {
+        choice c = e->c[e->best];
+        c.t = e->med[e->best];
+        return c;
+    }
+    return sel_predicted(s, bytes);
+}
+
 const comm_ar_algo *comm_sel_pick(comm_sel *s, size_t bytes) {
-    if (!s->last_algo || bytes != s->last_bytes) {
+    tune_entry *e = tune_get(s, bytes);
+    if (e && e->best < 0) { /* tuning: the candidates in turn */
+        choice c = e->c[e->calls % e->nc];
+        s->last_algo = comm_ar_find(c.name);
+        s->last_inter = c.inter;
+        s->last_bytes = 0; /* not cached */
+    } else if (!s->last_algo || bytes != s->last_bytes) {
         choice c = sel_choose(s, bytes);
         s->last_algo = comm_ar_find(c.name);
         s->last_inter = c.inter;
@@ -742,6 +808,7 @@ int comm_sel_reprobe(comm_sel *s, const char *why) {
     int ns = 0;
     for (size_t b = 4; b <= EXPLAIN_MAX && ns < 64; b *= 2, ns++)
         comm_sel_choice(s, b, before[ns], sizeof before[ns], NULL);
+    s->ntune = 0; /* the network changed: tune again */
     int err = probe(s);
     if (err) return err;
     s->n_reprobes++;
@@ -789,11 +856,57 @@ int comm_sel_reprobe(comm_sel *s, const char *why) {
     return 0;
 }
 
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, dcmp);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+static const char *tune_str(const tune_entry *e, char *buf, size_t len) {
+    char b[24], t[32], nm[48];
+    size_t at = appendf(buf, len, 0, "tuned %s after %d calls:",
+                        comm_sel_fmt_bytes(e->bytes, b, sizeof b), e->calls);
+    for (int k = 0; k < e->nc; k++)
+        at = appendf(buf, len, at, "%s %s %s", k ? "," : "", choice_str(e->c[k], nm, sizeof nm),
+                     fmt_time(e->med[k], t, sizeof t));
+    appendf(buf, len, at, " -> %s", choice_str(e->c[e->best], nm, sizeof nm));
+    return buf;
+}
+
+/* One agreed timing of the candidate comm_sel_pick handed out; after the
+ * last one the fastest median wins (the same on every rank). */
+static void tune_add(comm_sel *s, tune_entry *e, double m) {
+    int reps = s->o.tune < TUNE_REPS ? s->o.tune : TUNE_REPS;
+    e->t[e->calls % e->nc][e->calls / e->nc] = m;
+    if (++e->calls < e->nc * reps) return;
+    e->best = 0;
+    for (int k = 0; k < e->nc; k++) {
+        e->med[k] = median(e->t[k], reps);
+        if (e->med[k] < e->med[e->best]) e->best = k;
+    }
+    s->last_algo = NULL;
+    tune_str(e, s->event, sizeof s->event);
+    if (s->o.on_event) s->o.on_event(s->o.ud, s->event);
+}
+
+int comm_sel_tuned(const comm_sel *s, size_t bytes, char *buf, size_t len) {
+    const tune_entry *e = tune_find(s, bytes);
+    if (!e) return s->o.tune > 0 && s->size > 1 && s->ntune < TUNE_MAX ? 0 : -1;
+    if (e->nc < 2) return -1;
+    if (e->best < 0) return 0;
+    if (buf && len) tune_str(e, buf, len);
+    return 1;
+}
+
 int comm_sel_record(comm_sel *s, size_t bytes, double seconds) {
     int err = 0;
     double m = seconds;
     MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &m, 1, MPI_DOUBLE, MPI_MAX, s->comm));
     if (s->size < 2) return 0;
+    tune_entry *e = (tune_entry *)tune_find(s, bytes);
+    if (e && e->best < 0) {
+        tune_add(s, e, m);
+        return 0;
+    }
     double pred;
     char cur[48];
     comm_sel_choice(s, bytes, cur, sizeof cur, &pred);

@@ -128,8 +128,16 @@ typedef struct {
      * 3) consecutive recorded calls. */
     double factor;
     int after;
+    /* Online tuning: calls timed per candidate (median) the first time a
+     * message size is recorded; 0: off. The candidates are the choices
+     * predicted within 1.5x of the best (at most 3); once all are timed
+     * (through comm_sel_record) the measured best is kept for that size, and
+     * its measured time becomes the prediction re-selection compares with.
+     * Not while the fallback is in force. Cleared by a re-probe. */
+    int tune;
     /* Called on every rank with a one-line message (no newline) after each
-     * re-probe; NULL: none. Print it on one rank. */
+     * re-probe ("re-selection ...") and each finished tuning ("tuned ...");
+     * NULL: none. Print it on one rank. */
     void (*on_event)(void *ud, const char *msg);
     void *ud;
 } comm_sel_opts;
@@ -159,6 +167,11 @@ const char *comm_sel_choice(const comm_sel *sel, size_t bytes, char *buf, size_t
  * of a double). Returns 1 when it re-probed (the event text is then in
  * comm_sel_last_event and was passed to on_event), 0 when not, < 0 on error. */
 int comm_sel_record(comm_sel *sel, size_t bytes, double seconds);
+/* Local. 1 when online tuning has finished for `bytes` (text "tuned 4 MiB:
+ * ring 1.2 ms, tree 1.9 ms -> ring" in buf), 0 when it is under way or not
+ * started, -1 when it does not apply (tuning off, one rank, fallback, a
+ * single candidate, or no room left in the table). */
+int comm_sel_tuned(const comm_sel *sel, size_t bytes, char *buf, size_t len);
 /* Collective: probe again now (as comm_sel_record does when triggered). */
 int comm_sel_reprobe(comm_sel *sel, const char *why);
 

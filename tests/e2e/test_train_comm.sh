@@ -50,7 +50,10 @@ echo "log: 8 B -> $small, 64 MiB -> $large"
 grep -q '"algorithm": "adaptive:[a-z_()]*"' "$TMP/log-adaptive/metrics.jsonl" || die "metrics do not name the adaptive choice"
 alg=$(grep -o '"algorithm": "[^"]*"' "$TMP/log-adaptive/metrics.jsonl" | tail -1)
 grep -q "^comm: adaptive choice for .*(gradient bucket): ${alg#*adaptive:}" "$TMP/out-adaptive" ||
-    grep -q '^comm: re-selection' "$TMP/out-adaptive" || die "metrics $alg is neither the start-up choice nor a logged re-selection"
+    grep -q "^comm: tuned .* -> ${alg#*adaptive:}\$" "$TMP/out-adaptive" ||
+    grep -q '^comm: re-selection' "$TMP/out-adaptive" ||
+    die "metrics $alg is neither the start-up choice, nor the tuned one, nor a logged re-selection"
+grep '^comm: tuned ' "$TMP/out-adaptive" || echo "(no tuning: one candidate for the bucket)"
 echo "metrics: $alg"
 # many small buckets (tensor-aligned) give the same sums as one bucket
 write_job "$TMP/a-b.yaml" "$DATA" "$TMP/log-b" "comm: {strategy: ring, bucket_mb: 0.01}"

@@ -428,6 +428,57 @@ static void test_reselect(void **state) {
     comm_sel_destroy(sel);
 }
 
+/* Online tuning: the candidates are handed out in turn until each has `tune`
+ * recorded timings; the fastest median is kept (here one the test makes
+ * fastest, not the predicted one), the same on every rank; a re-probe
+ * starts over. */
+static void test_tuning(void **state) {
+    (void)state;
+    comm_sel *sel = NULL;
+    comm_sel_opts o = {.tune = 3, .calib_budget = -1};
+    int rc = comm_sel_create(MPI_COMM_WORLD, ar_, &o, &sel);
+    agree(rc != 0, "comm_sel_create (tune)");
+    const size_t bytes = (size_t)64 << 10, n = bytes / sizeof(float);
+    float *buf = calloc(n, sizeof *buf);
+    const char *first = NULL, *target = NULL;
+    int calls = 0, bad = !buf;
+    while (buf && calls < 64 && comm_sel_tuned(sel, bytes, NULL, 0) == 0) {
+        const comm_ar_algo *a = comm_sel_pick(sel, bytes);
+        if (!first) first = a->name;
+        if (!target && strcmp(a->name, first)) target = a->name;
+        bad |= a->fn(ar_, buf, n, COMM_SUM) != 0;
+        /* synthetic timings: the second candidate handed out is fastest */
+        bad |= comm_sel_record(sel, bytes, target && !strcmp(a->name, target) ? 1e-3 : 5e-3) < 0;
+        calls++;
+    }
+    char text[256] = "", nm[48];
+    int st = comm_sel_tuned(sel, bytes, text, sizeof text);
+    const char *now = comm_sel_pick(sel, bytes)->name;
+    comm_sel_choice(sel, bytes, nm, sizeof nm, NULL);
+    if (size_ == 1) {
+        bad |= st != -1 || calls != 0;
+    } else if (st == 1) {
+        /* at least two candidates, 3 calls each, the fast one kept */
+        bad |= !target || calls % 3 || calls < 6 || strcmp(now, target) ||
+               strncmp(nm, target, strlen(target)) || !strstr(text, "tuned 64 KiB after") ||
+               !strstr(text, target);
+        if (rank_ == 0) printf("%s\n", text);
+    } else {
+        bad |= st != -1 || calls != 0 || strcmp(now, first); /* one candidate: nothing to tune */
+    }
+    if (bad)
+        fprintf(stderr, "rank %d: tuning: state %d after %d calls, first %s, target %s, now %s (%s)\n",
+                rank_, st, calls, first ? first : "-", target ? target : "-", now, text);
+    bad |= differs_u64(hash_str(0, now)) || differs_u64((uint64_t)calls);
+    agree(bad, "online tuning keeps the measured fastest, the same everywhere");
+    if (st == 1) {
+        rc = comm_sel_reprobe(sel, "test");
+        agree(rc != 0 || comm_sel_tuned(sel, bytes, NULL, 0) != 0, "a re-probe restarts tuning");
+    }
+    free(buf);
+    comm_sel_destroy(sel);
+}
+
 static void test_errors(void **state) {
     (void)state;
     comm_sel *sel = (comm_sel *)1;
@@ -471,6 +522,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_calibration),
         cmocka_unit_test(test_threshold_fallback),
         cmocka_unit_test(test_reselect),
+        cmocka_unit_test(test_tuning),
         cmocka_unit_test(test_errors),
     };
     int failed = cmocka_run_group_tests(tests, NULL, NULL);
