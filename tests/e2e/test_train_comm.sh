@@ -49,8 +49,9 @@ large=$(sed -n 's/^comm: adaptive choice for 64 MiB: \([a-z_()]*\).*/\1/p' "$TMP
 echo "log: 8 B -> $small, 64 MiB -> $large"
 grep -q '"algorithm": "adaptive:[a-z_()]*"' "$TMP/log-adaptive/metrics.jsonl" || die "metrics do not name the adaptive choice"
 alg=$(grep -o '"algorithm": "[^"]*"' "$TMP/log-adaptive/metrics.jsonl" | tail -1)
-grep -q "^comm: adaptive choice for .*(gradient bucket): ${alg#*adaptive:}" "$TMP/out-adaptive" ||
-    grep -q "^comm: tuned .* -> ${alg#*adaptive:}\$" "$TMP/out-adaptive" ||
+a=${alg#*adaptive:}; a=${a%\"}
+grep -q "^comm: adaptive choice for .*(gradient bucket): $a " "$TMP/out-adaptive" ||
+    grep -q "^comm: tuned .* -> $a\$" "$TMP/out-adaptive" ||
     grep -q '^comm: re-selection' "$TMP/out-adaptive" ||
     die "metrics $alg is neither the start-up choice, nor the tuned one, nor a logged re-selection"
 grep '^comm: tuned ' "$TMP/out-adaptive" || echo "(no tuning: one candidate for the bucket)"
