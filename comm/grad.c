@@ -248,8 +248,11 @@ int comm_grad_create(MPI_Comm comm, const comm_grad_opts *o, const comm_grad_ten
     comm_ar_opts ao = {.ps_ranks = o->ps_ranks};
     MPI_CHECK(MPI_Barrier(comm));
     if ((err = comm_ar_create(comm, &ao, &g->ar))) goto done;
-    /* adaptive: the selector's probe runs the stream check */
-    if (!adaptive && (err = comm_ar_stream_check(g->ar, &g->stream[0], &g->stream[1]))) goto done;
+    /* adaptive: the selector's probe runs the stream check; mpi sends
+     * through MPI_Allreduce alone */
+    if (!adaptive && strcmp(g->algo->name, "mpi") &&
+        (err = comm_ar_stream_check(g->ar, &g->stream[0], &g->stream[1])))
+        goto done;
     if (adaptive) {
         comm_sel_opts so = {.bw_threshold = o->bw_threshold,
                             .lat_threshold = o->lat_threshold,
