@@ -478,7 +478,8 @@ static size_t state_walk(comm_grad *g, float *out, const float *in) {
         if (!g->b[i].cx) continue;
         for (int k = 0; k < 2; k++) {
             size_t len = 0;
-            float *p = k == 0 ? comm_cx_residual(g->b[i].cx, &len) : comm_cx_state(g->b[i].cx, &len);
+            float *p =
+                k == 0 ? comm_cx_residual(g->b[i].cx, &len) : comm_cx_state(g->b[i].cx, &len);
             if (!p) continue;
             if (out) memcpy(out + off, p, len * sizeof(float));
             if (in) memcpy(p, in + off, len * sizeof(float));
@@ -488,7 +489,9 @@ static size_t state_walk(comm_grad *g, float *out, const float *in) {
     return off;
 }
 
-size_t comm_grad_state(comm_grad *g, float *buf) { return state_walk(g, buf, NULL); }
+size_t comm_grad_state(comm_grad *g, float *buf) {
+    return state_walk(g, buf, NULL);
+}
 
 int comm_grad_set_state(comm_grad *g, const float *buf, size_t n) {
     if (n != state_walk(g, NULL, NULL)) return COMM_ERR_ARG;

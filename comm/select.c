@@ -291,6 +291,11 @@ static int dcmp(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, dcmp);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
 /* Ping-pong between me and peer (the initiator drives the count): median
  * one-way time of `bytes`-byte messages over up to `reps` round trips within
  * `budget` seconds (at least 3). Only the initiator's result is meaningful. */
@@ -586,8 +591,7 @@ static int calibrate(comm_sel *s) {
             double v[16];
             for (int r = 0; r < reps; r++)
                 v[r] = tt[(size_t)r * nc + i];
-            qsort(v, (size_t)reps, sizeof *v, dcmp);
-            double med = reps % 2 ? v[reps / 2] : (v[reps / 2 - 1] + v[reps / 2]) / 2;
+            double med = median(v, reps);
             double p = entry_prior(s, c, i, b);
             c->t[j][i] = med;
             c->f[j][i] = p > 0 && med > 0 ? med / p : 1;
@@ -705,17 +709,18 @@ static const tune_entry *tune_find(const comm_sel *s, size_t bytes) {
 }
 
 /* The tuning entry of `bytes`, made on first use: the predicted choice and
- * the other candidates within TUNE_WITHIN of it, fastest predicted first.
- * NULL when tuning does not apply. */
+ * the other candidates within TUNE_WITHIN of it, fastest predicted first
+ * (only the predicted one, settled at once, when nothing is to compare).
+ * NULL when tuning is off or the table is full. */
 static tune_entry *tune_get(comm_sel *s, size_t bytes) {
     tune_entry *e = (tune_entry *)tune_find(s, bytes);
     if (e || s->o.tune <= 0 || s->size < 2 || s->ntune == TUNE_MAX) return e;
     choice best = sel_predicted(s, bytes);
-    if (best.fallback || !(best.t > 0)) return NULL;
     e = &s->tune[s->ntune++];
     memset(e, 0, sizeof *e);
     e->bytes = bytes, e->best = -1, e->nc = 1, e->c[0] = best;
-    for (int i = 0; s->cand[i]; i++) {
+    /* the fallback in force is the user's policy: not tuned */
+    for (int i = 0; s->cand[i] && !best.fallback && best.t > 0; i++) {
         const char *x;
         double t = cand_time(&s->pr, &s->lay, &s->cal, s->cand[i], bytes, &x);
         if (is(s->cand[i], best.name) || t < 0 || t > TUNE_WITHIN * best.t) continue;
@@ -856,15 +861,11 @@ int comm_sel_reprobe(comm_sel *s, const char *why) {
     return 0;
 }
 
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, dcmp);
-    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
 static const char *tune_str(const tune_entry *e, char *buf, size_t len) {
     char b[24], t[32], nm[48];
-    size_t at = appendf(buf, len, 0, "tuned %s after %d calls:",
-                        comm_sel_fmt_bytes(e->bytes, b, sizeof b), e->calls);
+    size_t at =
+        appendf(buf, len, 0, "tuned %s after %d calls:", comm_sel_fmt_bytes(e->bytes, b, sizeof b),
+                e->calls);
     for (int k = 0; k < e->nc; k++)
         at = appendf(buf, len, at, "%s %s %s", k ? "," : "", choice_str(e->c[k], nm, sizeof nm),
                      fmt_time(e->med[k], t, sizeof t));
@@ -966,8 +967,7 @@ void comm_sel_explain(const comm_sel *s, FILE *f) {
                 "comm: probe: stream check: 4 MiB hierarchical(ring) %s per call with whole "
                 "messages between nodes, %s with %zu-B pieces -> %s\n",
                 fmt_time(p->stream_whole, a, sizeof a), fmt_time(p->stream_piece, b, sizeof b),
-                COMM_AR_STREAM_PIECE * sizeof(float),
-                p->inter_msg ? "pieces" : "whole messages");
+                COMM_AR_STREAM_PIECE * sizeof(float), p->inter_msg ? "pieces" : "whole messages");
     fprintf(f, "comm: probe: gamma %.3g ns/B (local sum %s)\n", p->gamma * 1e9,
             fmt_bw(p->gamma, c, sizeof c));
     const comm_sel_calib *cal = &s->cal;

@@ -90,7 +90,7 @@ typedef struct {
      * and the piece size chosen (elements; 0: whole messages). */
     double stream_whole, stream_piece;
     size_t inter_msg;
-    double seconds;                 /* how long the probe took (0 for synthetic) */
+    double seconds; /* how long the probe took (0 for synthetic) */
 } comm_sel_probe;
 
 /* Rank layout the model uses. */

@@ -467,7 +467,8 @@ static void test_tuning(void **state) {
         bad |= st != -1 || calls != 0 || strcmp(now, first); /* one candidate: nothing to tune */
     }
     if (bad)
-        fprintf(stderr, "rank %d: tuning: state %d after %d calls, first %s, target %s, now %s (%s)\n",
+        fprintf(stderr,
+                "rank %d: tuning: state %d after %d calls, first %s, target %s, now %s (%s)\n",
                 rank_, st, calls, first ? first : "-", target ? target : "-", now, text);
     bad |= differs_u64(hash_str(0, now)) || differs_u64((uint64_t)calls);
     agree(bad, "online tuning keeps the measured fastest, the same everywhere");
