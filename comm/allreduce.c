@@ -56,7 +56,8 @@ struct comm_ar {
     MPI_Comm node_comm;   /* ranks of my node, key = rank */
     MPI_Comm leader_comm; /* node rank 0 of every node; MPI_COMM_NULL elsewhere */
     MPI_Comm slice_comm;  /* same node rank on every node (sliced; > 1 node) */
-    int sliced;           /* opted in and every node holds node_size ranks */
+    int sliced_ok;        /* every node holds node_size ranks */
+    int sliced;           /* sliced_ok and opted in (or chosen by the stream check) */
     int rank, size, node_rank, node_size, n_nodes;
     int ps_ranks, n_contrib; /* dedicated servers; size - ps_ranks */
     size_t max_msg;          /* elements per point-to-point message */
@@ -549,9 +550,9 @@ static int ps_impl(comm_ar *ar, MPI_Comm comm, float *buf, size_t n) {
  * link; leader: 2 ceil(lg q)(alpha_intra + n beta_intra) + ceil(lg q) n gamma
  * + inter(N, n). Wins when inter-node links are much slower than intra-node
  * ones; on one node it is a ring (sliced) or a tree (leader). Sliced is not
- * the default: on the emulated 2 x 2 cluster (2 cores for 4 ranks plus the
- * kernel's TCP work) its four concurrent TCP streams were slower than the
- * leaders' two at 1-16 MiB (bench/RESULTS.md, allreduce). */
+ * the default: its concurrent TCP streams were slower than the leaders' on
+ * the emulated 2 x 2 cluster while whole messages stalled, and 1-6% faster
+ * at 1-4 MiB with pieces; comm_ar_stream_check measures it. */
 static int hier_impl(comm_ar *ar, MPI_Comm comm, float *buf, size_t n) {
     int err = 0, q = ar->node_size, l = ar->node_rank;
     (void)comm;
@@ -683,40 +684,63 @@ size_t comm_ar_inter_msg(const comm_ar *ar) {
     return ar ? ar->inter_msg : 0;
 }
 
-int comm_ar_stream_check(comm_ar *ar, double *t_whole, double *t_piece) {
+int comm_ar_stream_check(comm_ar *ar, double t[3]) {
     const size_t n = (size_t)1 << 20; /* 4 MiB */
     const int calls = 3;
     int err = 0, local = 0;
-    double t[2] = {1e30, 1e30};
+    double w[4] = {1e30, 1e30, 1e30, 0};
     float *buf = NULL;
-    if (t_whole) *t_whole = 0;
-    if (t_piece) *t_piece = 0;
+    if (t) t[0] = t[1] = t[2] = 0;
     if (!ar) return ar_fail(COMM_ERR_ARG, __FILE__, __LINE__, "stream check: NULL context");
     if (ar->n_nodes < 2) return 0;
     ar_impl inter = ar->inter;
+    int sliced = ar->sliced, modes = ar->sliced_ok && ar->node_size > 1 ? 3 : 2;
     ar->inter = ring_impl;
     if (!(buf = calloc(n, sizeof *buf))) local = COMM_ERR_NOMEM;
-    for (int rep = 0; rep < 4; rep++) {
-        comm_ar_set_inter_msg(ar, rep % 2 ? COMM_AR_STREAM_PIECE : 0);
+    /* modes: whole messages, pieces (leader scheme), pieces (sliced) */
+    for (int rep = 0; rep < 2 * modes; rep++) {
+        int m = rep % modes;
+        comm_ar_set_inter_msg(ar, m ? COMM_AR_STREAM_PIECE : 0);
+        ar->sliced = m == 2;
         MPI_CHECK(MPI_Barrier(ar->comm));
         double t0 = MPI_Wtime();
         for (int k = 0; k < calls && buf && !local; k++)
             local = hier_impl(ar, ar->comm, buf, n);
-        t[rep % 2] = fmin(t[rep % 2], MPI_Wtime() - t0);
+        w[m] = fmin(w[m], (MPI_Wtime() - t0) / calls);
     }
-    double w[3] = {t[0] / calls, t[1] / calls, (double)-local};
-    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, w, 3, MPI_DOUBLE, MPI_MAX, ar->comm));
-    if (w[2] > 0) {
-        err = -(int)w[2];
+    w[3] = -local;
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, w, 4, MPI_DOUBLE, MPI_MAX, ar->comm));
+    if (w[3] > 0) {
+        err = -(int)w[3];
         goto done;
     }
-    comm_ar_set_inter_msg(ar, w[1] <= 0.9 * w[0] ? COMM_AR_STREAM_PIECE : 0);
-    if (t_whole) *t_whole = w[0];
-    if (t_piece) *t_piece = w[1];
+    int pieces = w[1] <= 0.9 * w[0];
+    comm_ar_set_inter_msg(ar, pieces ? COMM_AR_STREAM_PIECE : 0);
+    sliced = sliced || (pieces && modes == 3 && w[2] <= 0.97 * w[1]);
+    if (t) t[0] = w[0], t[1] = w[1], t[2] = modes == 3 ? w[2] : 0;
 done:
     ar->inter = inter;
+    ar->sliced = sliced;
     free(buf);
     return err;
+}
+
+const char *comm_ar_stream_str(const comm_ar *ar, const double t[3], char *buf, size_t len) {
+    int k = snprintf(buf, len,
+                     "stream check: 4 MiB hierarchical(ring) %.2f ms per call with whole messages "
+                     "between nodes, %.2f ms with %zu-B pieces",
+                     t[0] * 1e3, t[1] * 1e3, COMM_AR_STREAM_PIECE * sizeof(float));
+    if (k > 0 && (size_t)k < len && t[2] > 0)
+        k += snprintf(buf + k, len - (size_t)k, ", %.2f ms with pieces, sliced", t[2] * 1e3);
+    if (k > 0 && (size_t)k < len)
+        snprintf(buf + k, len - (size_t)k, " -> %s%s",
+                 comm_ar_inter_msg(ar) < (size_t)INT_MAX ? "pieces" : "whole messages",
+                 comm_ar_hier_sliced(ar) ? ", sliced" : "");
+    return buf;
+}
+
+int comm_ar_hier_sliced(const comm_ar *ar) {
+    return ar ? ar->sliced : 0;
 }
 
 int comm_ar_n_nodes(const comm_ar *ar) {
@@ -779,14 +803,15 @@ int comm_ar_create(MPI_Comm comm, const comm_ar_opts *opts, comm_ar **out) {
     if (ar->leader_comm != MPI_COMM_NULL)
         MPI_CHECK(MPI_Comm_set_errhandler(ar->leader_comm, MPI_ERRORS_RETURN));
     /* sliced hierarchical needs equal nodes (nodes[] is the same everywhere) */
-    ar->sliced = o.hier_sliced != 0;
+    ar->sliced_ok = 1;
     for (int k = 0; k < ar->n_nodes; k++) {
         int c = 0;
         for (int i = 0; i < ar->size; i++)
             c += nodes[i] == k;
-        if (c != ar->node_size) ar->sliced = 0;
+        if (c != ar->node_size) ar->sliced_ok = 0;
     }
-    if (ar->sliced && ar->n_nodes > 1) {
+    ar->sliced = ar->sliced_ok && o.hier_sliced;
+    if (ar->sliced_ok && ar->n_nodes > 1) {
         MPI_CHECK(MPI_Comm_split(ar->comm, ar->node_rank, ar->rank, &ar->slice_comm));
         MPI_CHECK(MPI_Comm_set_errhandler(ar->slice_comm, MPI_ERRORS_RETURN));
     }

@@ -84,8 +84,8 @@ typedef struct {
      * node holds the same number q of ranks and count >= q x 1024: ring
      * reduce-scatter inside the node, the inter-node algorithm on each rank's
      * 1/q slice (all local ranks cross the network at once), ring all-gather.
-     * 0: the leader scheme always (tree reduce, inter among leaders, tree
-     * broadcast). */
+     * 0: the leader scheme (tree reduce, inter among leaders, tree
+     * broadcast) unless comm_ar_stream_check measures sliced faster. */
     int hier_sliced;
     /* Largest point-to-point message in elements; 0: INT_MAX. Larger transfers
      * are split. Tests lower it to exercise the splitting. */
@@ -109,17 +109,25 @@ void comm_ar_destroy(comm_ar *ar);
 int comm_ar_set_inter(comm_ar *ar, const char *name);
 
 /* Collective, for contexts spanning nodes (returns 0 at once on one node):
- * whether transfers between nodes go as pieces. One large message per
+ * how hierarchical's transfers between nodes go. One large message per
  * transfer stalls on some transports when transfers follow each other both
  * ways: Open MPI's TCP transport waits for a rendezvous reply queued behind
  * the other direction's data (1.5-1.7x slower on the emulated 1 Gbit/s
  * link, bench/RESULTS.md), while pieces under its eager limit stream. Times
- * 3 back-to-back 4 MiB hierarchical(ring) calls with whole messages and with
- * COMM_AR_STREAM_PIECE-element pieces, alternating, best of two each, and
- * keeps pieces when they take at most 0.9x. Seconds per call in *t_whole
- * and *t_piece (may be NULL); hierarchical's inter-node algorithm is left as
- * it was. Same result on every rank (agreed by a MAX reduction). */
-int comm_ar_stream_check(comm_ar *ar, double *t_whole, double *t_piece);
+ * 3 back-to-back 4 MiB hierarchical(ring) calls with whole messages, with
+ * COMM_AR_STREAM_PIECE-element pieces, and (equal nodes of 2+ ranks) with
+ * pieces and the sliced scheme, alternating, best of two each; keeps pieces
+ * when they take at most 0.9x of whole messages and then sliced when it
+ * takes at most 0.97x of the leader scheme (an opted-in sliced scheme
+ * stays). Seconds per call in t[0..2] (may be NULL; t[2] 0 when not
+ * eligible); hierarchical's inter-node algorithm is left as it was. Same
+ * result on every rank (agreed by a MAX reduction). */
+int comm_ar_stream_check(comm_ar *ar, double t[3]);
+/* Local: whether hierarchical uses the sliced scheme (when count allows). */
+int comm_ar_hier_sliced(const comm_ar *ar);
+/* Local: "stream check: ... -> pieces, sliced" for the log, from the times
+ * comm_ar_stream_check returned and the context's settings. */
+const char *comm_ar_stream_str(const comm_ar *ar, const double t[3], char *buf, size_t len);
 /* 64000 bytes: under Open MPI's default TCP eager limit (64 KiB, header
  * included). */
 #define COMM_AR_STREAM_PIECE ((size_t)16000)

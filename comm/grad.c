@@ -36,7 +36,7 @@ struct comm_grad {
     comm_ar *ar;              /* NULL when size == 1 */
     const comm_ar_algo *algo; /* fixed strategy; NULL for adaptive */
     comm_sel *sel;            /* adaptive */
-    double stream[2];         /* fixed strategy across nodes: stream check, s */
+    double stream[3];         /* fixed strategy across nodes: stream check, s */
     float *stage;             /* powersgd staging, max bucket length */
     uint64_t total;
     /* the step in flight (comm_grad_begin .. comm_grad_finish) */
@@ -250,8 +250,7 @@ int comm_grad_create(MPI_Comm comm, const comm_grad_opts *o, const comm_grad_ten
     if ((err = comm_ar_create(comm, &ao, &g->ar))) goto done;
     /* adaptive: the selector's probe runs the stream check; mpi sends
      * through MPI_Allreduce alone */
-    if (!adaptive && strcmp(g->algo->name, "mpi") &&
-        (err = comm_ar_stream_check(g->ar, &g->stream[0], &g->stream[1])))
+    if (!adaptive && strcmp(g->algo->name, "mpi") && (err = comm_ar_stream_check(g->ar, g->stream)))
         goto done;
     if (adaptive) {
         comm_sel_opts so = {.bw_threshold = o->bw_threshold,
@@ -525,12 +524,9 @@ void comm_grad_explain(const comm_grad *g, FILE *f) {
     if (!g->sel) {
         if (!strcmp(g->strategy, "adaptive"))
             fprintf(f, "comm: adaptive: one data-parallel rank, nothing to select\n");
+        char sc[200];
         if (g->stream[0] > 0)
-            fprintf(f,
-                    "comm: stream check: 4 MiB hierarchical(ring) %.2f ms per call with whole "
-                    "messages between nodes, %.2f ms with %zu-B pieces -> %s\n",
-                    g->stream[0] * 1e3, g->stream[1] * 1e3, COMM_AR_STREAM_PIECE * sizeof(float),
-                    comm_ar_inter_msg(g->ar) < (size_t)INT_MAX ? "pieces" : "whole messages");
+            fprintf(f, "comm: %s\n", comm_ar_stream_str(g->ar, g->stream, sc, sizeof sc));
         return;
     }
     /* the key lines of comm_sel_explain: layout, probe, thresholds */

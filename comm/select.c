@@ -402,11 +402,13 @@ static double prior(const comm_sel *s, const char *name, size_t bytes, const cha
  * the probe. */
 static int stream_check(comm_sel *s) {
     s->pr.inter_msg = 0;
-    s->pr.stream_whole = s->pr.stream_piece = 0;
+    s->pr.hier_sliced = 0;
+    memset(s->pr.stream, 0, sizeof s->pr.stream);
     if (!s->ar || s->lay.nodes < 2) return 0;
     s->cur_inter = NULL; /* the check changes ar's inter-node algorithm */
-    int err = comm_ar_stream_check(s->ar, &s->pr.stream_whole, &s->pr.stream_piece);
+    int err = comm_ar_stream_check(s->ar, s->pr.stream);
     s->pr.inter_msg = comm_ar_inter_msg(s->ar) < (size_t)INT_MAX ? comm_ar_inter_msg(s->ar) : 0;
+    s->pr.hier_sliced = comm_ar_hier_sliced(s->ar);
     return err;
 }
 
@@ -950,7 +952,7 @@ static const char *short_name(const char *n) {
 
 void comm_sel_explain(const comm_sel *s, FILE *f) {
     const comm_sel_probe *p = &s->pr;
-    char a[32], b[32], c[32];
+    char a[32], b[32], c[32], sc[200];
     fprintf(f, "comm: layout: %d ranks on %d node%s, at most %d per node\n", s->lay.p, s->lay.nodes,
             s->lay.nodes == 1 ? "" : "s", s->lay.ppn);
     fprintf(f, "comm: probe (%.3f s): intra-node alpha %s beta %.3g ns/B (%s)\n", p->seconds,
@@ -962,12 +964,8 @@ void comm_sel_explain(const comm_sel *s, FILE *f) {
                 fmt_bw(p->beta_inter, b, sizeof b));
     else
         fprintf(f, "comm: probe: inter-node: none (one node)\n");
-    if (p->stream_whole > 0)
-        fprintf(f,
-                "comm: probe: stream check: 4 MiB hierarchical(ring) %s per call with whole "
-                "messages between nodes, %s with %zu-B pieces -> %s\n",
-                fmt_time(p->stream_whole, a, sizeof a), fmt_time(p->stream_piece, b, sizeof b),
-                COMM_AR_STREAM_PIECE * sizeof(float), p->inter_msg ? "pieces" : "whole messages");
+    if (p->stream[0] > 0)
+        fprintf(f, "comm: probe: %s\n", comm_ar_stream_str(s->ar, p->stream, sc, sizeof sc));
     fprintf(f, "comm: probe: gamma %.3g ns/B (local sum %s)\n", p->gamma * 1e9,
             fmt_bw(p->gamma, c, sizeof c));
     const comm_sel_calib *cal = &s->cal;

@@ -86,10 +86,12 @@ typedef struct {
     double alpha_inter, beta_inter; /* between nodes; copies of intra on one node */
     double gamma;                   /* s/byte of a local float sum */
     /* Stream check across nodes (0 on one node): seconds of a 4 MiB
-     * hierarchical(ring) call with whole messages / pieces between nodes,
-     * and the piece size chosen (elements; 0: whole messages). */
-    double stream_whole, stream_piece;
+     * hierarchical(ring) call with whole messages / pieces / pieces and the
+     * sliced scheme (comm_ar_stream_check), the piece size chosen (elements;
+     * 0: whole messages) and whether sliced was kept. */
+    double stream[3];
     size_t inter_msg;
+    int hier_sliced;
     double seconds; /* how long the probe took (0 for synthetic) */
 } comm_sel_probe;
 

@@ -290,12 +290,12 @@ static void test_calibration(void **state) {
     agree(bad, "two nodes: hierarchical calibrated per inter-node algorithm");
     /* the stream check ran and its choice is the one set on the context */
     const comm_sel_probe *pr = comm_sel_get_probe(sel);
-    bad = !(pr->stream_whole > 0 && pr->stream_piece > 0) ||
+    bad = !(pr->stream[0] > 0 && pr->stream[1] > 0) ||
           (pr->inter_msg != 0 && pr->inter_msg != COMM_AR_STREAM_PIECE) ||
           comm_ar_inter_msg(ar2) != (pr->inter_msg ? pr->inter_msg : (size_t)INT_MAX);
     if (bad)
         fprintf(stderr, "two nodes: stream check %g / %g s, inter_msg %zu, context %zu\n",
-                pr->stream_whole, pr->stream_piece, pr->inter_msg, comm_ar_inter_msg(ar2));
+                pr->stream[0], pr->stream[1], pr->inter_msg, comm_ar_inter_msg(ar2));
     agree(bad, "two nodes: stream check sets the piece size");
     comm_sel_destroy(sel);
     comm_ar_destroy(ar2);
