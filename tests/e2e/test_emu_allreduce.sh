@@ -33,7 +33,7 @@ awk -v x="$inter" 'BEGIN { exit !(x >= 30 && x <= 190) }' \
     || die "inter-node bandwidth $inter MB/s is not near 1 Gbit/s (30..190 MB/s)"
 awk -v a="$intra" -v e="$inter" 'BEGIN { exit !(a >= 5 * e) }' \
     || die "intra-node bandwidth $intra MB/s is not much above inter-node $inter MB/s"
-grep -Eq '^comm: probe: stream check: .* -> (pieces|whole messages)$' "$out" \
+grep -Eq '^comm: probe: stream check: .* -> (pieces|whole messages)(, sliced)?$' "$out" \
     || die "no stream check line (whole messages vs pieces between nodes)"
 
 # choice per size from the model table: the "8 B" / "64 MiB" rows end in the

@@ -51,7 +51,7 @@ grep -q '"algorithm": "hierarchical' "$TMP/log-hierarchical/metrics.jsonl" ||
     die "hierarchical: metrics.jsonl does not name it"
 # both measured whole messages against pieces between nodes at start-up
 for s in hierarchical adaptive; do
-    grep -Eq '^comm: (probe: )?stream check: .* -> (pieces|whole messages)$' "$TMP/out-$s" ||
+    grep -Eq '^comm: (probe: )?stream check: .* -> (pieces|whole messages)(, sliced)?$' "$TMP/out-$s" ||
         die "$s: no stream check line at start-up"
 done
 # adaptive: the selector saw the two nodes and named its pick in the log and metrics
