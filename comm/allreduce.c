@@ -155,10 +155,6 @@ static void vdiv(float *buf, size_t n, float d) {
 
 /* ---- point-to-point with message splitting ------------------------------ */
 
-static int piece(const comm_ar *ar, size_t left) {
-    return (int)(left < ar->max_msg ? left : ar->max_msg);
-}
-
 /* Largest message to `peer` of `comm`: inter_msg when the peer is on another
  * node (every peer of the leader and slice communicators is), else max_msg.
  * Symmetric, so both ends of a transfer split it the same way. */
@@ -168,6 +164,7 @@ static size_t cap(const comm_ar *ar, MPI_Comm comm, int peer) {
     return across ? ar->inter_msg : ar->max_msg;
 }
 
+/* Elements of the next message: what is left, at most c. */
 static int cut(size_t left, size_t c) {
     return (int)(left < c ? left : c);
 }
@@ -579,7 +576,7 @@ static int mpi_impl(comm_ar *ar, MPI_Comm comm, float *buf, size_t n) {
     int err = 0, rank, p;
     if ((err = comm_geom(comm, &rank, &p))) return err;
     for (size_t o = 0; o < n;) {
-        int c = piece(ar, n - o);
+        int c = cut(n - o, ar->max_msg);
         MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf + o, c, MPI_FLOAT, MPI_SUM, comm));
         o += (size_t)c;
     }
@@ -734,7 +731,7 @@ const char *comm_ar_stream_str(const comm_ar *ar, const double t[3], char *buf, 
         k += snprintf(buf + k, len - (size_t)k, ", %.2f ms with pieces, sliced", t[2] * 1e3);
     if (k > 0 && (size_t)k < len)
         snprintf(buf + k, len - (size_t)k, " -> %s%s",
-                 comm_ar_inter_msg(ar) < (size_t)INT_MAX ? "pieces" : "whole messages",
+                 ar->inter_msg < ar->max_msg ? "pieces" : "whole messages",
                  comm_ar_hier_sliced(ar) ? ", sliced" : "");
     return buf;
 }

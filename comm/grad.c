@@ -8,7 +8,6 @@
 #include "comm/compress.h"
 #include "comm/select.h"
 
-#include <limits.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>

@@ -402,13 +402,11 @@ static double prior(const comm_sel *s, const char *name, size_t bytes, const cha
  * the probe. */
 static int stream_check(comm_sel *s) {
     s->pr.inter_msg = 0;
-    s->pr.hier_sliced = 0;
     memset(s->pr.stream, 0, sizeof s->pr.stream);
     if (!s->ar || s->lay.nodes < 2) return 0;
     s->cur_inter = NULL; /* the check changes ar's inter-node algorithm */
     int err = comm_ar_stream_check(s->ar, s->pr.stream);
     s->pr.inter_msg = comm_ar_inter_msg(s->ar) < (size_t)INT_MAX ? comm_ar_inter_msg(s->ar) : 0;
-    s->pr.hier_sliced = comm_ar_hier_sliced(s->ar);
     return err;
 }
 

@@ -87,11 +87,11 @@ typedef struct {
     double gamma;                   /* s/byte of a local float sum */
     /* Stream check across nodes (0 on one node): seconds of a 4 MiB
      * hierarchical(ring) call with whole messages / pieces / pieces and the
-     * sliced scheme (comm_ar_stream_check), the piece size chosen (elements;
-     * 0: whole messages) and whether sliced was kept. */
+     * sliced scheme (comm_ar_stream_check) and the piece size chosen
+     * (elements; 0: whole messages); whether sliced was kept is
+     * comm_ar_hier_sliced() of the context. */
     double stream[3];
     size_t inter_msg;
-    int hier_sliced;
     double seconds; /* how long the probe took (0 for synthetic) */
 } comm_sel_probe;
 
