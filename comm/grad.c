@@ -468,6 +468,13 @@ int comm_grad_overlaps(const comm_grad *g) {
     return g->threaded;
 }
 
+int comm_grad_compresses(const comm_grad *g, int step) {
+    if (step < g->o.warmup_steps) return 0;
+    for (int i = 0; i < g->nb; i++)
+        if (g->b[i].cx && comm_cx_compresses(g->b[i].cx)) return 1;
+    return 0;
+}
+
 /* Visits every state array of the buckets in order (residual, then Q):
  * copies them to out and/or from in; returns the total length. */
 static size_t state_walk(comm_grad *g, float *out, const float *in) {

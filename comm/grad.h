@@ -107,6 +107,10 @@ int comm_grad_begin(comm_grad *g, float *grads, int step);
 void comm_grad_ready(comm_grad *g, int t0, int t1);
 int comm_grad_finish(comm_grad *g, comm_grad_stats *st);
 int comm_grad_overlaps(const comm_grad *g);
+/* Local, the same on all ranks: whether the call of `step` compresses at
+ * least one bucket (0 during warm-up, for type none, one rank, or when
+ * min_ratio made every bucket dense). */
+int comm_grad_compresses(const comm_grad *g, int step);
 
 /* Local: the compressors' state that exact resume needs (error-feedback
  * residuals, PowerSGD's Q), all buckets concatenated; it depends on the

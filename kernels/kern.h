@@ -67,6 +67,15 @@ double kern_sumsq(const float *x, size_t n);
 void kern_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                 float beta2, float eps, float wd, float gscale, int t);
 
+/* The same step in two halves, for compressed data parallelism where each
+ * rank steps on its own gradient and the ranks exchange parameter changes:
+ * kern_adam_delta updates m and v from g * gscale and overwrites g with the
+ * change -lr * mhat / (sqrt(vhat) + eps), times out_scale (no decay);
+ * kern_apply_delta does p += d - lr * wd * p. */
+void kern_adam_delta(float *g, float *m, float *v, size_t n, float lr, float beta1, float beta2,
+                     float eps, float gscale, float out_scale, int t);
+void kern_apply_delta(float *p, const float *d, size_t n, float lr, float wd);
+
 /* BLAS set-up and identification. */
 const char *kern_blas_corename(void);
 /* The OPENBLAS_CORETYPE that should be forced on this CPU, or NULL when the

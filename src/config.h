@@ -31,7 +31,7 @@ typedef struct {
         double bw_threshold, lat_threshold, bucket_mb;
         int overlap, ps_ranks;
         struct {
-            char type[16];
+            char type[16], payload[16];
             double ratio, min_ratio;
             int bits, rank, error_feedback, warmup_steps;
         } compression;

@@ -129,62 +129,72 @@ static void free_list(ckpt_tensor *t, int nt) {
     free(t);
 }
 
-/* The model's list plus the rank-state row (rs may be NULL): *pad gets the
- * zero-padded copy of the row, freed by the caller after the save. */
-static ckpt_tensor *save_list(gpt *g, const optim *o, const gptio_rank_state *rs, int dp_rank,
-                              int dp, float **pad, int *nt) {
+/* The model's list plus one row of each of the nrs rank states: pads[k]
+ * gets the zero-padded copy of row k, freed by the caller after the save. */
+static ckpt_tensor *save_list(gpt *g, const optim *o, const gptio_rank_state *rs, int nrs,
+                              int dp_rank, int dp, float **pads, int *nt) {
     float *bufs[NGROUPS] = {gpt_params(g), o ? o->m : NULL, o ? o->v : NULL};
-    *pad = NULL;
     ckpt_tensor *t = tensor_list(g, bufs, o ? NGROUPS : 1, dp_rank, dp, 1, nt);
-    if (!t || !rs) return t;
-    ckpt_tensor *t2 = realloc(t, (size_t)(*nt + 1) * sizeof *t);
-    *pad = calloc(rs->maxlen + 1, sizeof(float));
-    if (!t2 || !*pad || rs->len > rs->maxlen) {
-        free_list(t2 ? t2 : t, *nt);
-        free(*pad);
-        *pad = NULL;
+    for (int k = 0; k < nrs; k++)
+        pads[k] = NULL;
+    if (!t || nrs == 0) return t;
+    ckpt_tensor *t2 = realloc(t, (size_t)(*nt + nrs) * sizeof *t);
+    if (!t2) {
+        free_list(t, *nt);
         return NULL;
     }
-    memcpy(*pad, rs->data, rs->len * sizeof(float));
-    t2[*nt] = (ckpt_tensor){.name = strdup(rs->name),
-                            .ndim = 2,
-                            .rows = (uint64_t)rs->rows,
-                            .cols = rs->maxlen,
-                            .row0 = (uint64_t)rs->row,
-                            .nrows = 1,
-                            .data = *pad};
-    if (!t2[*nt].name) {
-        free_list(t2, *nt);
-        free(*pad);
-        *pad = NULL;
-        return NULL;
+    for (int k = 0; k < nrs; k++) {
+        const gptio_rank_state *r = &rs[k];
+        pads[k] = r->len <= r->maxlen ? calloc(r->maxlen + 1, sizeof(float)) : NULL;
+        char *name = strdup(r->name);
+        if (!pads[k] || !name) {
+            free(name);
+            free_list(t2, *nt);
+            for (int j = 0; j <= k; j++)
+                free(pads[j]), pads[j] = NULL;
+            return NULL;
+        }
+        memcpy(pads[k], r->data, r->len * sizeof(float));
+        t2[(*nt)++] = (ckpt_tensor){.name = name,
+                                    .ndim = 2,
+                                    .rows = (uint64_t)r->rows,
+                                    .cols = r->maxlen,
+                                    .row0 = (uint64_t)r->row,
+                                    .nrows = 1,
+                                    .data = pads[k]};
     }
-    (*nt)++;
     return t2;
 }
 
+static void free_pads(float **pads, int nrs) {
+    for (int k = 0; k < nrs; k++)
+        free(pads[k]);
+}
+
 int gptio_save(MPI_Comm comm, int dp_rank, int dp, const char *dir, gpt *g, const optim *o,
-               const gptio_rank_state *rs, const ckpt_meta *meta, const ckpt_save_opts *opts,
-               char *err, size_t errlen) {
+               const gptio_rank_state *rs, int nrs, const ckpt_meta *meta,
+               const ckpt_save_opts *opts, char *err, size_t errlen) {
     int nt = 0;
-    float *pad;
-    ckpt_tensor *t = save_list(g, o, rs, dp_rank, dp, &pad, &nt);
+    float *pads[GPTIO_MAX_RANK_STATES];
+    if (nrs > GPTIO_MAX_RANK_STATES) return -1;
+    ckpt_tensor *t = save_list(g, o, rs, nrs, dp_rank, dp, pads, &nt);
     int rc = t ? ckpt_save(comm, dir, t, nt, meta, opts, err, errlen) : -1;
     if (!t) snprintf(err, errlen, "out of memory for the checkpoint's tensor list");
     free_list(t, nt);
-    free(pad);
+    free_pads(pads, nrs);
     return rc;
 }
 
 int gptio_save_async(ckpt_async *a, int dp_rank, int dp, const char *dir, gpt *g, const optim *o,
-                     const gptio_rank_state *rs, const ckpt_meta *meta,
+                     const gptio_rank_state *rs, int nrs, const ckpt_meta *meta,
                      const ckpt_save_opts *opts) {
     int nt = 0;
-    float *pad;
-    ckpt_tensor *t = save_list(g, o, rs, dp_rank, dp, &pad, &nt);
+    float *pads[GPTIO_MAX_RANK_STATES];
+    if (nrs > GPTIO_MAX_RANK_STATES) return -1;
+    ckpt_tensor *t = save_list(g, o, rs, nrs, dp_rank, dp, pads, &nt);
     int rc = ckpt_async_start(a, dir, t, t ? nt : 0, meta, opts); /* copies the data */
     free_list(t, nt);
-    free(pad);
+    free_pads(pads, nrs);
     return rc;
 }
 

@@ -13,26 +13,29 @@
 #include "src/optim.h"
 
 /* State of each rank that exact resume needs beyond the model and AdamW
- * (the gradient compressors' residuals): the float32 dataset `name` of
- * shape (rows, maxlen), this rank's len values in row `row`, zero-padded.
- * Every rank passes the same name, rows and maxlen (> 0). */
+ * (the gradient compressors' residuals, per-rank AdamW moments): the
+ * float32 dataset `name` of shape (rows, maxlen), this rank's len values in
+ * row `row`, zero-padded. Every rank passes the same name, rows and maxlen
+ * (> 0). */
 typedef struct {
     const char *name;
     float *data;
     uint64_t len, maxlen;
     int row, rows;
 } gptio_rank_state;
+#define GPTIO_MAX_RANK_STATES 4
 
 /* Collective over comm (every rank of the grid); this rank is data-parallel
  * replica dp_rank of dp, which splits the writing of replicated pieces.
- * rs may be NULL (on every rank). */
+ * rs: nrs (<= GPTIO_MAX_RANK_STATES, the same on every rank) rank states. */
 int gptio_save(MPI_Comm comm, int dp_rank, int dp, const char *dir, gpt *g, const optim *o,
-               const gptio_rank_state *rs, const ckpt_meta *meta, const ckpt_save_opts *opts,
-               char *err, size_t errlen);
+               const gptio_rank_state *rs, int nrs, const ckpt_meta *meta,
+               const ckpt_save_opts *opts, char *err, size_t errlen);
 /* Collective: the same, written in the background by `a` (see io/ckpt.h);
  * returns once this rank's shard is copied. */
 int gptio_save_async(ckpt_async *a, int dp_rank, int dp, const char *dir, gpt *g, const optim *o,
-                     const gptio_rank_state *rs, const ckpt_meta *meta, const ckpt_save_opts *opts);
+                     const gptio_rank_state *rs, int nrs, const ckpt_meta *meta,
+                     const ckpt_save_opts *opts);
 /* Collective: reads this rank's row of rs->name into rs->data (rs->len
  * values; the rest of the row must be zero padding). 1: loaded; 0: the file
  * has no such dataset or another shape (reason in err, nothing read); -1:

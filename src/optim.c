@@ -35,8 +35,27 @@ void optim_step(optim *o, gpt *g, float lr, float gscale) {
     float *p = gpt_params(g), *gr = gpt_grads(g);
     for (int i = 0; i < gpt_ntensors(g); i++) {
         const gpt_tensor *t = gpt_tensor_at(g, i);
-        kern_adamw(p + t->offset, gr + t->offset, o->m + t->offset, o->v + t->offset, t->numel,
-                   lr, o->beta1, o->beta2, o->eps, t->decay ? o->weight_decay : 0.f, gscale, o->t);
+        kern_adamw(p + t->offset, gr + t->offset, o->m + t->offset, o->v + t->offset, t->numel, lr,
+                   o->beta1, o->beta2, o->eps, t->decay ? o->weight_decay : 0.f, gscale, o->t);
+    }
+}
+
+void optim_delta(optim *o, gpt *g, float lr, float gscale, float out_scale) {
+    o->t++;
+    float *gr = gpt_grads(g);
+    for (int i = 0; i < gpt_ntensors(g); i++) {
+        const gpt_tensor *t = gpt_tensor_at(g, i);
+        kern_adam_delta(gr + t->offset, o->m + t->offset, o->v + t->offset, t->numel, lr, o->beta1,
+                        o->beta2, o->eps, gscale, out_scale, o->t);
+    }
+}
+
+void optim_apply(const optim *o, gpt *g, float lr) {
+    float *p = gpt_params(g), *gr = gpt_grads(g);
+    for (int i = 0; i < gpt_ntensors(g); i++) {
+        const gpt_tensor *t = gpt_tensor_at(g, i);
+        kern_apply_delta(p + t->offset, gr + t->offset, t->numel, lr,
+                         t->decay ? o->weight_decay : 0.f);
     }
 }
 

@@ -14,6 +14,7 @@
 #include "src/pipe.h"
 #include "src/spmd.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +33,10 @@ typedef struct {
     gpt *g;
     optim opt;
     comm_grad *red; /* data-parallel gradient reducer (comm/grad.h) */
+    /* comm.compression.payload update and the reducer compresses: from the
+     * first compressed step on, each rank steps AdamW on its own gradient
+     * (its own moments) and the ranks sum their parameter changes */
+    int local_opt;
     tokfile train, val;
     metrics met;
     int have_met;
@@ -88,30 +93,61 @@ static int save_wait(trainer *t) {
     return 0;
 }
 
-/* The gradient compressors' state (comm_grad_state) of every rank, one row
- * per world rank of COMM_STATE; rs->maxlen is 0 when no rank has any.
- * Collective. */
+/* What each rank keeps for exact resume, one row per world rank:
+ * COMM_STATE the gradient compressors' state (comm_grad_state) and, with
+ * payload update, LOCAL_ADAM this rank's AdamW moments (m, then v), which
+ * differ between the dp ranks once compression started. */
 #define COMM_STATE "comm/compressor_state"
-static int comm_state(trainer *t, gptio_rank_state *rs) {
-    uint64_t len = comm_grad_state(t->red, NULL), mx = 0;
-    MPI_Allreduce(&len, &mx, 1, MPI_UINT64_T, MPI_MAX, t->comm);
-    *rs = (gptio_rank_state){
-        .name = COMM_STATE, .len = len, .maxlen = mx, .row = t->rank, .rows = t->world};
-    if (mx == 0) return 0;
-    rs->data = malloc((len + 1) * sizeof(float));
-    if (rs->data) comm_grad_state(t->red, rs->data);
-    return rs->data ? 0 : -1;
+#define LOCAL_ADAM "comm/local_adam"
+enum { ST_COMM, ST_ADAM, NSTATES };
+
+/* rs[ST_*] := this rank's rows (data malloc'ed; maxlen 0 when no rank has
+ * that state). Collective. */
+static int rank_states(trainer *t, gptio_rank_state *rs) {
+    uint64_t len[NSTATES] = {comm_grad_state(t->red, NULL), t->local_opt ? 2 * t->opt.n : 0};
+    uint64_t mx[NSTATES];
+    const char *names[NSTATES] = {COMM_STATE, LOCAL_ADAM};
+    MPI_Allreduce(len, mx, NSTATES, MPI_UINT64_T, MPI_MAX, t->comm);
+    int bad = 0;
+    for (int k = 0; k < NSTATES; k++) {
+        rs[k] = (gptio_rank_state){
+            .name = names[k], .len = len[k], .maxlen = mx[k], .row = t->rank, .rows = t->world};
+        if (mx[k]) bad |= !(rs[k].data = malloc((len[k] + 1) * sizeof(float)));
+    }
+    if (!bad && rs[ST_COMM].data) comm_grad_state(t->red, rs[ST_COMM].data);
+    if (!bad && len[ST_ADAM]) {
+        memcpy(rs[ST_ADAM].data, t->opt.m, t->opt.n * sizeof(float));
+        memcpy(rs[ST_ADAM].data + t->opt.n, t->opt.v, t->opt.n * sizeof(float));
+    }
+    return bad ? -1 : 0;
 }
 
-/* Restores the compressors' state from FILE when it was written by the same
+/* out := the states present (maxlen > 0); returns their count. */
+static int present_states(const gptio_rank_state *rs, gptio_rank_state *out) {
+    int n = 0;
+    for (int k = 0; k < NSTATES; k++)
+        if (rs[k].maxlen) out[n++] = rs[k];
+    return n;
+}
+
+static void free_states(gptio_rank_state *rs) {
+    for (int k = 0; k < NSTATES; k++)
+        free(rs[k].data);
+}
+
+/* Restores the per-rank states from FILE when it was written by the same
  * layout with the same compression and buckets (saved is its config);
- * otherwise error feedback starts from zero, which is said. Collective. */
-static int resume_comm_state(trainer *t, const char *file, const ckpt_meta *m,
-                             const job_config *saved) {
+ * otherwise error feedback starts from zero and every rank starts from the
+ * checkpoint's AdamW moments (their dp mean), which is said. Collective. */
+static int resume_rank_states(trainer *t, const char *file, const ckpt_meta *m,
+                              const job_config *saved) {
     const job_config *c = t->cfg;
-    gptio_rank_state rs;
-    if (comm_state(t, &rs)) return spmd_agree(t->comm, -1, PROG, "out of memory");
-    if (rs.maxlen == 0) return 0; /* nothing to restore */
+    gptio_rank_state rs[NSTATES];
+    if (rank_states(t, rs)) {
+        free_states(rs);
+        return spmd_agree(t->comm, -1, PROG, "out of memory");
+    }
+    if (!rs[ST_COMM].maxlen && !rs[ST_ADAM].maxlen) return 0; /* nothing to restore */
     char why[1024] = "";
     const char *diff = NULL;
     if (m->layout[0] != t->dp || m->layout[1] != t->grid.tp || m->layout[2] != t->grid.pp)
@@ -119,6 +155,7 @@ static int resume_comm_state(trainer *t, const char *file, const ckpt_meta *m,
     else if (!saved)
         diff = "the stored config";
     else if (strcmp(saved->comm.compression.type, c->comm.compression.type) ||
+             strcmp(saved->comm.compression.payload, c->comm.compression.payload) ||
              saved->comm.compression.bits != c->comm.compression.bits ||
              saved->comm.compression.rank != c->comm.compression.rank ||
              saved->comm.compression.ratio != c->comm.compression.ratio ||
@@ -127,26 +164,57 @@ static int resume_comm_state(trainer *t, const char *file, const ckpt_meta *m,
         diff = "comm.compression";
     else if (saved->comm.bucket_mb != c->comm.bucket_mb)
         diff = "comm.bucket_mb";
-    int got = 0;
-    if (!diff) {
-        got = gptio_load_rank_state(t->comm, file, &rs, why, sizeof why);
-        if (got == 1) got = comm_grad_set_state(t->red, rs.data, rs.len) ? -1 : 1;
-        if (got < 0) {
-            free(rs.data);
-            return spmd_agree(t->comm, -1, PROG,
-                              why[0] ? why : "cannot restore the compressor state");
+    int got = 1;
+    for (int k = 0; k < NSTATES && !diff && got == 1; k++) {
+        if (!rs[k].maxlen) continue;
+        got = gptio_load_rank_state(t->comm, file, &rs[k], why, sizeof why);
+        if (got == 1 && k == ST_COMM)
+            got = comm_grad_set_state(t->red, rs[k].data, rs[k].len) ? -1 : 1;
+        if (got == 1 && k == ST_ADAM) {
+            memcpy(t->opt.m, rs[k].data, t->opt.n * sizeof(float));
+            memcpy(t->opt.v, rs[k].data + t->opt.n, t->opt.n * sizeof(float));
         }
     }
-    free(rs.data);
+    uint64_t n = rs[ST_COMM].maxlen;
+    free_states(rs);
+    if (got < 0)
+        return spmd_agree(t->comm, -1, PROG, why[0] ? why : "cannot restore the compressor state");
     if (t->rank == 0) {
-        if (got == 1)
-            printf("resumed the gradient compressors' error feedback (%llu values per rank)\n",
-                   (unsigned long long)rs.maxlen);
+        if (!diff && got == 1)
+            printf("resumed the gradient compressors' error feedback (%llu values per rank)%s\n",
+                   (unsigned long long)n, t->local_opt ? " and each rank's AdamW moments" : "");
         else
             printf("note: gradient compressor state not restored (%s%s): error feedback starts "
-                   "from zero\n",
-                   diff ? diff : why, diff ? " differs from the checkpoint's" : "");
+                   "from zero%s\n",
+                   diff ? diff : why, diff ? " differs from the checkpoint's" : "",
+                   t->local_opt ? ", every rank from the checkpoint's AdamW moments" : "");
     }
+    return 0;
+}
+
+/* With payload update the moments differ between the dp ranks once a
+ * compressed step was done: the checkpoint's /optim then holds their mean
+ * (what another layout resumes from), in *avg (malloc'ed; NULL when the
+ * moments are still the same everywhere). Collective. */
+static int mean_moments(trainer *t, int step, optim *avg) {
+    *avg = t->opt;
+    avg->m = avg->v = NULL;
+    if (!t->local_opt || !comm_grad_compresses(t->red, step - 1)) return 0;
+    size_t n = t->opt.n;
+    float *mv = malloc(2 * n * sizeof(float) + 1);
+    int bad = !mv || 2 * n > INT_MAX;
+    MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MAX, t->grid.dp_comm);
+    if (bad) {
+        free(mv);
+        return -1;
+    }
+    memcpy(mv, t->opt.m, n * sizeof(float));
+    memcpy(mv + n, t->opt.v, n * sizeof(float));
+    MPI_Allreduce(MPI_IN_PLACE, mv, (int)(2 * n), MPI_FLOAT, MPI_SUM, t->grid.dp_comm);
+    for (size_t i = 0; i < 2 * n; i++)
+        mv[i] /= (float)t->dp;
+    avg->m = mv;
+    avg->v = mv + n;
     return 0;
 }
 
@@ -167,25 +235,34 @@ static int save(trainer *t, int step, long long tokens) {
     if (fault && sscanf(fault, "ckpt_kill:%d:%d", &so.fault_rank, &so.fault_after) != 2)
         so.fault_rank = so.fault_after = -1;
     double t0 = spmd_now();
-    gptio_rank_state rs;
-    int rc = comm_state(t, &rs);
-    if (spmd_agree(t->comm, rc, PROG, "out of memory for the compressor state")) {
+    gptio_rank_state rs[NSTATES];
+    optim avg;
+    int rc = rank_states(t, rs);
+    rc |= mean_moments(t, step, &avg); /* collective: called whatever rc is */
+    if (spmd_agree(t->comm, rc, PROG, "out of memory for the per-rank state")) {
         free(yaml);
+        free_states(rs);
         return -1;
     }
+    const optim *o = avg.m ? &avg : &t->opt;
+    gptio_rank_state put[NSTATES];
+    int nrs = present_states(rs, put);
     if (t->async) {
         if (save_wait(t)) {
             free(yaml);
+            free_states(rs);
+            free(avg.m);
             return -1;
         }
-        rc = gptio_save_async(t->async, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, &t->opt,
-                              rs.maxlen ? &rs : NULL, &m, &so);
+        rc = gptio_save_async(t->async, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, o, put,
+                              nrs, &m, &so);
         snprintf(err, sizeof err, "cannot start the background checkpoint writer");
     } else
-        rc = gptio_save(t->comm, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, &t->opt,
-                        rs.maxlen ? &rs : NULL, &m, &so, err, sizeof err);
+        rc = gptio_save(t->comm, t->grid.dp_rank, t->dp, c->checkpoint.dir, t->g, o, put, nrs, &m,
+                        &so, err, sizeof err);
     free(yaml);
-    free(rs.data);
+    free_states(rs);
+    free(avg.m);
     if (spmd_agree(t->comm, rc ? -1 : 0, PROG, err)) {
         if (rc == CKPT_ERR_FATAL) MPI_Abort(t->comm, 1); /* see io/ckpt.h */
         return -1;
@@ -223,7 +300,7 @@ static int maybe_resume(trainer *t) {
     job_config saved;
     int have_cfg = m.config && config_load_text(&saved, file, m.config, err, sizeof err) == 0;
     free(m.config);
-    if (resume_comm_state(t, file, &m, have_cfg ? &saved : NULL)) return -1;
+    if (resume_rank_states(t, file, &m, have_cfg ? &saved : NULL)) return -1;
     return (int)m.step;
 }
 
@@ -245,13 +322,19 @@ static comm_grad_tensor *grad_tensors(gpt *g, int *nt) {
     return gt;
 }
 
+static int payload_update(const job_config *c) {
+    return strcmp(c->comm.compression.type, "none") &&
+           !strcmp(c->comm.compression.payload, "update");
+}
+
 static comm_grad_opts grad_opts(const job_config *c, FILE *log) {
     return (comm_grad_opts){.strategy = c->comm.strategy,
                             .bw_threshold = c->comm.bw_threshold,
                             .lat_threshold = c->comm.lat_threshold,
                             .fallback = c->comm.fallback,
                             .bucket_mb = c->comm.bucket_mb,
-                            .overlap = c->comm.overlap,
+                            /* a change needs the whole gradient first */
+                            .overlap = c->comm.overlap && !payload_update(c),
                             .ps_ranks = c->comm.ps_ranks,
                             .cx_type = c->comm.compression.type,
                             .ratio = c->comm.compression.ratio,
@@ -343,6 +426,7 @@ static int setup(trainer *t, MPI_Comm comm, MPI_Comm red, MPI_Comm ctl, const jo
              c->comm.strategy, c->comm.compression.type);
     if (spmd_agree(comm, rc, PROG, err)) return -1;
     if (comm_grad_overlaps(t->red)) gpt_set_grad_hook(t->g, grads_final, t->red);
+    t->local_opt = payload_update(c) && comm_grad_compresses(t->red, INT_MAX);
     if (c->checkpoint.async && c->checkpoint.dir[0]) {
         int level;
         MPI_Query_thread(&level);
@@ -508,7 +592,12 @@ static int run(MPI_Comm comm, MPI_Comm red, MPI_Comm ctl, const job_config *c, i
                "data-parallel ranks%s\n",
                G, T, t.m, B, t.dp, c->train.recompute ? " | recompute" : "");
         char desc[512];
-        printf("all-reduce: %s\n", comm_grad_describe(t.red, desc, sizeof desc));
+        printf("all-reduce: %s", comm_grad_describe(t.red, desc, sizeof desc));
+        if (t.local_opt)
+            printf(" | payload: each rank's AdamW update%s",
+                   c->comm.overlap ? " (comm.overlap off: the update needs the whole gradient)"
+                                   : "");
+        printf("\n");
         comm_grad_explain(t.red, stdout);
         printf("BLAS: OpenBLAS %s kernel | measured sgemm peak %.1f GFLOP/s (all ranks)\n",
                kern_blas_corename(), peak);
@@ -540,13 +629,25 @@ static int run(MPI_Comm comm, MPI_Comm red, MPI_Comm ctl, const job_config *c, i
         double idle = t.grid.pp > 1 ? phase - tm.fwd_s - tm.bwd_s : 0;
         comm_grad_stats cst;
         sum_tied_embedding(&t);
+        /* payload update: the buffer holds this rank's share of the mean
+         * gradient (hence x dp); its AdamW change / dp is what is summed */
+        int local = t.local_opt && comm_grad_compresses(t.red, s);
+        double gnorm = 0;
+        if (local) {
+            gnorm = grad_norm(&t) * t.dp;
+            float clip = optim_clip_scale(gnorm, c->train.grad_clip);
+            optim_delta(&t.opt, t.g, (float)lr, (float)t.dp * clip, 1.0f / (float)t.dp);
+            gnorm = gnorm * gnorm / t.dp; /* reported: rms over the dp ranks */
+            MPI_Allreduce(MPI_IN_PLACE, &gnorm, 1, MPI_DOUBLE, MPI_SUM, t.grid.dp_comm);
+            gnorm = sqrt(gnorm);
+        }
         rc = comm_grad_finish(t.red, &cst);
         double loss_all = 0;
         MPI_Allreduce(&loss_sum, &loss_all, 1, MPI_DOUBLE, MPI_SUM, comm);
         double comm_s = spmd_now() - t1 + gpt_tp_comm_seconds(t.g) - tp0;
         if (spmd_agree(comm, rc, PROG, "gradient all-reduce failed")) goto done;
         double loss = loss_all / tokens_per_step;
-        double gnorm = grad_norm(&t);
+        if (!local) gnorm = grad_norm(&t);
         if (!isfinite(loss) || !isfinite(gnorm)) {
             char m[128];
             snprintf(m, sizeof m, "step %d: loss %g, gradient norm %g: training diverged", s + 1,
@@ -554,7 +655,10 @@ static int run(MPI_Comm comm, MPI_Comm red, MPI_Comm ctl, const job_config *c, i
             rc = spmd_agree(comm, -1, PROG, m);
             goto done;
         }
-        optim_step(&t.opt, t.g, (float)lr, optim_clip_scale(gnorm, c->train.grad_clip));
+        if (local)
+            optim_apply(&t.opt, t.g, (float)lr);
+        else
+            optim_step(&t.opt, t.g, (float)lr, optim_clip_scale(gnorm, c->train.grad_clip));
         double dt = spmd_now() - t0, tps = tokens_per_step / dt;
         double mfu = peak > 0 ? tps * fpt / (peak * 1e9) : 0;
         if (s > start) { /* the first step pays for allocation and warm-up */
