@@ -7,8 +7,8 @@
 
 #include <cblas.h>
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -43,9 +43,7 @@ static inline float fast_expf(float x) {
 }
 
 /* tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits +-1, vectorizable */
-static inline float fast_tanhf(float u) {
-    return 1.0f - 2.0f / (fast_expf(2.0f * u) + 1.0f);
-}
+static inline float fast_tanhf(float u) { return 1.0f - 2.0f / (fast_expf(2.0f * u) + 1.0f); }
 
 /* Static split of [0,n) into nt ranges; range of thread id. */
 static void split_range(size_t n, int id, int nt, size_t *lo, size_t *hi) {
@@ -60,8 +58,7 @@ void kern_encoder_fwd(float *out, const int *tok, const float *wte, const float 
     for (int bt = 0; bt < B * T; bt++) {
         const float *e = wte + (size_t)tok[bt] * C, *p = wpe + (size_t)(bt % T) * C;
         float *o = out + (size_t)bt * C;
-        for (int i = 0; i < C; i++)
-            o[i] = e[i] + p[i];
+        for (int i = 0; i < C; i++) o[i] = e[i] + p[i];
     }
 }
 
@@ -89,15 +86,12 @@ void kern_layernorm_fwd(float *out, float *mean, float *rstd, const float *inp, 
     for (size_t n = 0; n < N; n++) {
         const float *x = inp + n * C;
         float m = 0.f, v = 0.f;
-        for (int i = 0; i < C; i++)
-            m += x[i];
+        for (int i = 0; i < C; i++) m += x[i];
         m /= C;
-        for (int i = 0; i < C; i++)
-            v += (x[i] - m) * (x[i] - m);
+        for (int i = 0; i < C; i++) v += (x[i] - m) * (x[i] - m);
         float s = 1.0f / sqrtf(v / C + 1e-5f);
         float *o = out + n * C;
-        for (int i = 0; i < C; i++)
-            o[i] = (x[i] - m) * s * w[i] + b[i];
+        for (int i = 0; i < C; i++) o[i] = (x[i] - m) * s * w[i] + b[i];
         mean[n] = m;
         rstd[n] = s;
     }
@@ -145,8 +139,7 @@ void kern_matmul_fwd(float *out, const float *inp, const float *w, const float *
     float beta = 0.f;
     if (bias) {
 #pragma omp parallel for schedule(static)
-        for (size_t n = 0; n < N; n++)
-            memcpy(out + n * OC, bias, (size_t)OC * sizeof(float));
+        for (size_t n = 0; n < N; n++) memcpy(out + n * OC, bias, (size_t)OC * sizeof(float));
         beta = 1.f;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, OC, C, 1.f, inp, C, w, C, beta,
@@ -168,8 +161,7 @@ void kern_matmul_bwd(float *dinp, float *dw, float *dbias, const float *dout, co
             split_range((size_t)OC, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
             for (size_t n = 0; n < N; n++) {
                 const float *d = dout + n * OC;
-                for (size_t o = lo; o < hi; o++)
-                    dbias[o] += d[o];
+                for (size_t o = lo; o < hi; o++) dbias[o] += d[o];
             }
         }
     }
@@ -188,17 +180,12 @@ void kern_attention_fwd(float *out, float *att, const float *qkv, int B, int T, 
                     T);
         for (int t = 0; t < T; t++) {
             float *row = p + (size_t)t * T, mx = row[0], sum = 0.f;
-            for (int j = 1; j <= t; j++)
-                mx = row[j] > mx ? row[j] : mx;
-            for (int j = 0; j <= t; j++)
-                row[j] = fast_expf(row[j] - mx);
-            for (int j = 0; j <= t; j++)
-                sum += row[j];
+            for (int j = 1; j <= t; j++) mx = row[j] > mx ? row[j] : mx;
+            for (int j = 0; j <= t; j++) row[j] = fast_expf(row[j] - mx);
+            for (int j = 0; j <= t; j++) sum += row[j];
             float inv = 1.0f / sum;
-            for (int j = 0; j <= t; j++)
-                row[j] *= inv;
-            for (int j = t + 1; j < T; j++)
-                row[j] = 0.f;
+            for (int j = 0; j <= t; j++) row[j] *= inv;
+            for (int j = t + 1; j < T; j++) row[j] = 0.f;
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.f, p, T, v, C3, 0.f,
                     out + (size_t)b * T * C + h * hs, C);
@@ -222,12 +209,9 @@ void kern_attention_bwd(float *dqkv, float *scratch, const float *dout, const fl
         for (int t = 0; t < T; t++) {
             const float *pr = p + (size_t)t * T;
             float *dr = dp + (size_t)t * T, dot = 0.f;
-            for (int j = 0; j <= t; j++)
-                dot += pr[j] * dr[j];
-            for (int j = 0; j <= t; j++)
-                dr[j] = pr[j] * (dr[j] - dot);
-            for (int j = t + 1; j < T; j++)
-                dr[j] = 0.f;
+            for (int j = 0; j <= t; j++) dot += pr[j] * dr[j];
+            for (int j = 0; j <= t; j++) dr[j] = pr[j] * (dr[j] - dot);
+            for (int j = t + 1; j < T; j++) dr[j] = 0.f;
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, scale, dp, T, k, C3, 0.f,
                     dq, C3);
@@ -251,16 +235,14 @@ void kern_gelu_bwd(float *dinp, const float *inp, const float *dout, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float x = inp[i], u = GELU_K * (x + 0.044715f * x * x * x);
         float th = fast_tanhf(u), sech2 = 1.0f - th * th;
-        float g =
-            0.5f * (1.0f + th) + 0.5f * x * sech2 * GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
+        float g = 0.5f * (1.0f + th) + 0.5f * x * sech2 * GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
         dinp[i] = g * dout[i];
     }
 }
 
 void kern_residual_fwd(float *out, const float *a, const float *b, size_t n) {
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++)
-        out[i] = a[i] + b[i];
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 double kern_xent_fwd_bwd(float *logits, const int *tgt, size_t N, int V, float dscale) {
@@ -274,27 +256,21 @@ double kern_xent_fwd_bwd(float *logits, const int *tgt, size_t N, int V, float d
         double s = 0.0;
         for (size_t n = lo; n < hi; n++) {
             float *z = logits + n * V, mx = z[0], sum = 0.f;
-            for (int i = 1; i < V; i++)
-                mx = z[i] > mx ? z[i] : mx;
-            for (int i = 0; i < V; i++)
-                z[i] = fast_expf(z[i] - mx);
-            for (int i = 0; i < V; i++)
-                sum += z[i];
+            for (int i = 1; i < V; i++) mx = z[i] > mx ? z[i] : mx;
+            for (int i = 0; i < V; i++) z[i] = fast_expf(z[i] - mx);
+            for (int i = 0; i < V; i++) sum += z[i];
             float inv = 1.0f / sum;
-            for (int i = 0; i < V; i++)
-                z[i] *= inv;
+            for (int i = 0; i < V; i++) z[i] *= inv;
             s -= log((double)z[tgt[n]]);
             if (dscale != 0.f) {
-                for (int i = 0; i < V; i++)
-                    z[i] *= dscale;
+                for (int i = 0; i < V; i++) z[i] *= dscale;
                 z[tgt[n]] -= dscale;
             }
         }
         part[id] = s;
     }
     double loss = 0.0;
-    for (int t = 0; t < nt; t++)
-        loss += part[t];
+    for (int t = 0; t < nt; t++) loss += part[t];
     free(part);
     return loss;
 }
@@ -308,13 +284,11 @@ double kern_sumsq(const float *x, size_t n) {
         size_t lo, hi;
         split_range(n, id, omp_get_num_threads(), &lo, &hi);
         double s = 0.0;
-        for (size_t i = lo; i < hi; i++)
-            s += (double)x[i] * x[i];
+        for (size_t i = lo; i < hi; i++) s += (double)x[i] * x[i];
         part[id] = s;
     }
     double s = 0.0;
-    for (int t = 0; t < nt; t++)
-        s += part[t];
+    for (int t = 0; t < nt; t++) s += part[t];
     free(part);
     return s;
 }
@@ -350,24 +324,20 @@ void kern_adam_delta(float *g, float *m, float *v, size_t n, float lr, float bet
 
 void kern_apply_delta(float *p, const float *d, size_t n, float lr, float wd) {
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++)
-        p[i] += d[i] - lr * wd * p[i];
+    for (size_t i = 0; i < n; i++) p[i] += d[i] - lr * wd * p[i];
 }
 
-const char *kern_blas_corename(void) {
-    return openblas_get_corename();
-}
+const char *kern_blas_corename(void) { return openblas_get_corename(); }
 
 const char *kern_blas_better_coretype(void) {
     /* Kernels older than Haswell: what OpenBLAS falls back to on CPUs its
      * DYNAMIC_ARCH table does not know (e.g. 0.3.21 on newer Xeons). */
-    static const char *const slow[] = {
-        "prescott", "core2",     "penryn",      "dunnington", "nehalem", "atom",    "katmai",
-        "banias",   "northwood", "sandybridge", "barcelona",  "opteron", "generic", NULL};
+    static const char *const slow[] = {"prescott", "core2", "penryn", "dunnington", "nehalem",
+                                       "atom",     "katmai", "banias", "northwood", "sandybridge",
+                                       "barcelona", "opteron", "generic", NULL};
     const char *core = openblas_get_corename();
     int is_slow = 0;
-    for (int i = 0; slow[i]; i++)
-        is_slow |= core && strcasecmp(core, slow[i]) == 0;
+    for (int i = 0; slow[i]; i++) is_slow |= core && strcasecmp(core, slow[i]) == 0;
     if (!is_slow) return NULL;
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -383,9 +353,7 @@ void kern_set_threads(int n) {
     openblas_set_num_threads(n);
 }
 
-int kern_threads(void) {
-    return omp_get_max_threads();
-}
+int kern_threads(void) { return omp_get_max_threads(); }
 
 static double now_s(void) {
     struct timespec ts;

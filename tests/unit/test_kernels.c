@@ -275,13 +275,33 @@ static void test_adamw(void **state) {
     assert_true(fabs(p[2] - (0.5 - 0.01 * (0.0 + 0.1 * 0.5))) < 1e-6);
 }
 
+/* The split step (rank's change, then apply) equals kern_adamw up to
+ * rounding, and out_scale scales only the change. */
+static void test_adam_delta(void **state) {
+    (void)state;
+    enum { N = 1000 };
+    static float p1[N], p2[N], g1[N], g2[N], m1[N], v1[N], m2[N], v2[N];
+    for (int i = 0; i < N; i++) p1[i] = p2[i] = sinf(0.37f * i);
+    for (int t = 1; t <= 5; t++) {
+        for (int i = 0; i < N; i++) g1[i] = g2[i] = cosf(0.11f * i * t) * (1 + i % 7);
+        kern_adamw(p1, g1, m1, v1, N, 0.01f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, t);
+        kern_adam_delta(g2, m2, v2, N, 0.01f, 0.9f, 0.95f, 1e-8f, 0.5f, 0.25f, t);
+        for (int i = 0; i < N; i++) g2[i] *= 4; /* four ranks' equal changes summed */
+        kern_apply_delta(p2, g2, N, 0.01f, 0.1f);
+    }
+    for (int i = 0; i < N; i++) {
+        assert_true(m1[i] == m2[i] && v1[i] == v2[i]);
+        assert_true(fabsf(p1[i] - p2[i]) <= 1e-6f * (1 + fabsf(p1[i])));
+    }
+}
+
 int main(void) {
     kern_set_threads(2);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_encoder), cmocka_unit_test(test_layernorm),
         cmocka_unit_test(test_matmul),  cmocka_unit_test(test_attention),
         cmocka_unit_test(test_gelu),    cmocka_unit_test(test_xent),
-        cmocka_unit_test(test_adamw),
+        cmocka_unit_test(test_adamw),   cmocka_unit_test(test_adam_delta),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
