@@ -33,13 +33,16 @@
 #define MAX_SPECS 32
 #define MAX_ITERS 1000
 
-/* "NAME[:PARAM]": topk:RATIO, powersgd:RANK, int8/4/2 with "-sr" for
- * stochastic rounding (the trainer rounds to nearest under error feedback) */
+/* "NAME[:PARAM][/PAYLOAD]": topk:RATIO, powersgd:RANK, int8/4/2 with "-sr"
+ * for stochastic rounding (the trainer rounds to nearest under error
+ * feedback); PAYLOAD update or gradient (comm.compression.payload; none
+ * given: the job's) */
 typedef struct {
     char text[32];
     comm_cx_type type;
     double param;
     int stochastic;
+    char payload[16];
 } cx_spec;
 
 static int parse_specs(const char *list, cx_spec *out, int max) {
@@ -53,6 +56,12 @@ static int parse_specs(const char *list, cx_spec *out, int max) {
         snprintf(s->text, sizeof s->text, "%s", t);
         char name[32];
         snprintf(name, sizeof name, "%s", t);
+        char *slash = strchr(name, '/');
+        if (slash) {
+            *slash = 0;
+            if (strcmp(slash + 1, "update") && strcmp(slash + 1, "gradient")) return -1;
+            snprintf(s->payload, sizeof s->payload, "%s", slash + 1);
+        }
         char *colon = strchr(name, ':');
         if (colon) *colon = 0, s->param = atof(colon + 1);
         size_t l = strlen(name);
@@ -307,8 +316,9 @@ static void usage(void) {
         "all-reduces (powersgd's P and Q) use ALGO (comm_ar table name, default mpi).\n"
         "LIST: comma-separated none,fp16,bf16,int8,int4,int2,topk:RATIO,powersgd:RANK\n"
         "(int8-sr etc.: stochastic rounding; the trainer rounds to nearest with error\n"
-        "feedback). Default: none,fp16,bf16,int8,int4,int2,topk:0.01,topk:0.1,powersgd:4,\n"
-        "powersgd:2\n"
+        "feedback), each optionally with /update or /gradient (comm.compression.payload).\n"
+        "Default: none,fp16,bf16,int8,int4,int2,topk:0.01,topk:0.01/gradient,topk:0.1,\n"
+        "powersgd:4,powersgd:2\n"
         "(micro: without none, with int8-sr,int4-sr,int2-sr).\n");
 }
 
@@ -352,7 +362,8 @@ int bench_compress(int argc, char **argv, MPI_Comm comm) {
     if (!list)
         list = is_micro ? "fp16,bf16,int8,int4,int2,int8-sr,int4-sr,int2-sr,topk:0.01,topk:0.1,"
                           "powersgd:4"
-                        : "none,fp16,bf16,int8,int4,int2,topk:0.01,topk:0.1,powersgd:4,powersgd:2";
+                        : "none,fp16,bf16,int8,int4,int2,topk:0.01,topk:0.01/gradient,topk:0.1,"
+                          "powersgd:4,powersgd:2";
     int ns = parse_specs(list, sp, MAX_SPECS);
     if (ns <= 0 || steps < 2 || warm < 0 || warm >= steps || iters < 1 || iters > MAX_ITERS ||
         count < 1 || count > (size_t)INT32_MAX) {
@@ -398,6 +409,11 @@ int bench_compress(int argc, char **argv, MPI_Comm comm) {
             snprintf(t3, sizeof t3, "comm.compression.rank=%d", (int)sp[s].param);
             cs[nc++] = t3;
         }
+        char t4[64];
+        if (sp[s].payload[0]) {
+            snprintf(t4, sizeof t4, "comm.compression.payload=%s", sp[s].payload);
+            cs[nc++] = t4;
+        }
         job_config c;
         char err[1024];
         rc = config_load(&c, job, cs, nc, err, sizeof err);
@@ -429,10 +445,10 @@ int bench_compress(int argc, char **argv, MPI_Comm comm) {
                         ? 100 * (m.val_loss - dense.val_loss) / dense.val_loss
                         : 0;
         if (s == 0)
-            printf("  %-12s %9s %9s %9s %12s %8s %8s %8s %8s %8s  %s\n", "compressor", "step ms",
+            printf("  %-19s %9s %9s %9s %12s %8s %8s %8s %8s %8s  %s\n", "compressor", "step ms",
                    "wait ms", "busy ms", "bytes/step", "speedup", "loss", "vs dense", "val",
                    "vs dense", "mode");
-        printf("  %-12s %9.1f %9.1f %9.1f %12.0f %7.2fx %8.4f %+7.2f%% %8.4f %+7.2f%%  %s\n",
+        printf("  %-19s %9.1f %9.1f %9.1f %12.0f %7.2fx %8.4f %+7.2f%% %8.4f %+7.2f%%  %s\n",
                sp[s].text, m.step_ms, m.comm_ms, m.busy_ms, m.bytes, sp_up, m.loss, dl, m.val_loss,
                dv, m.mode);
         fflush(stdout);
