@@ -73,7 +73,7 @@ static const key_spec schema[] = {
     {"comm.compression.warmup_steps", K_INT, O(comm.compression.warmup_steps), 0, "50", 0, 1e9,
      NULL},
     {"comm.compression.payload", K_ENUM, O(comm.compression.payload), S(comm.compression.payload),
-     "update", 0, 0, "update|gradient"},
+     "auto", 0, 0, "auto|update|gradient"},
     {"checkpoint.dir", K_STR, O(checkpoint.dir), S(checkpoint.dir), "", 0, 0, NULL},
     {"checkpoint.every", K_INT, O(checkpoint.every), 0, "0", 0, 1e9, NULL},
     {"checkpoint.keep_last", K_INT, O(checkpoint.keep_last), 0, "3", 0, 1e9, NULL},

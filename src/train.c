@@ -52,6 +52,16 @@ typedef struct {
  * that step's gradients), or one of these. */
 enum { CTL_CREATE = -1, CTL_STOP = -2, CTL_STOP_PREEMPTED = -3 };
 
+/* comm.compression.payload: auto is the gradient for powersgd (its low-rank
+ * structure is what PowerSGD keeps; AdamW's per-coordinate scaling of the
+ * change removes it) and the update otherwise (AdamW on summed sparse or
+ * coarsely quantized gradients overshoots; see README). */
+static int payload_update(const job_config *c) {
+    const char *t = c->comm.compression.type, *p = c->comm.compression.payload;
+    return strcmp(t, "none") &&
+           (!strcmp(p, "update") || (!strcmp(p, "auto") && strcmp(t, "powersgd")));
+}
+
 static void ctl_send(trainer *t, int code) {
     if (t->servers) MPI_Bcast(&code, 1, MPI_INT, 0, t->ctl);
 }
@@ -155,7 +165,7 @@ static int resume_rank_states(trainer *t, const char *file, const ckpt_meta *m,
     else if (!saved)
         diff = "the stored config";
     else if (strcmp(saved->comm.compression.type, c->comm.compression.type) ||
-             strcmp(saved->comm.compression.payload, c->comm.compression.payload) ||
+             payload_update(saved) != payload_update(c) ||
              saved->comm.compression.bits != c->comm.compression.bits ||
              saved->comm.compression.rank != c->comm.compression.rank ||
              saved->comm.compression.ratio != c->comm.compression.ratio ||
@@ -320,11 +330,6 @@ static comm_grad_tensor *grad_tensors(gpt *g, int *nt) {
             .numel = e->numel, .ndim = e->ndim, .shape = {e->shape[0], e->shape[1]}};
     }
     return gt;
-}
-
-static int payload_update(const job_config *c) {
-    return strcmp(c->comm.compression.type, "none") &&
-           !strcmp(c->comm.compression.payload, "update");
 }
 
 static comm_grad_opts grad_opts(const job_config *c, FILE *log) {

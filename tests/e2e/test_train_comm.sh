@@ -4,8 +4,8 @@
 #     mpi, start-up prints the probe and the choice per size, metrics name the
 #     chosen algorithm; several fusion buckets give the same training.
 # (b) convergence of jobs/tiny.yaml (400 steps, 2 ranks) with topk (1%),
-#     int4, int2 and powersgd (rank 4 and 2), payload update (the default:
-#     each rank's AdamW change is compressed): the final loss (mean of the
+#     int4, int2 and powersgd (rank 4 and 2), payload auto (the default:
+#     each rank's AdamW change is compressed, for powersgd the gradient): the final loss (mean of the
 #     last 20 training losses: every run sees the same batches) within 3% of
 #     the uncompressed run, and bytes_sent after warm-up smaller than dense
 #     by the expected factor. topk with payload gradient (AdamW on the summed
