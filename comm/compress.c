@@ -516,11 +516,13 @@ static size_t scan_ge(const float *x, size_t n, uint32_t lowb, uint32_t *ci, uin
  * holding the k-th largest key; the elements of that bucket and above
  * (gathered with their indices in one scan) give the threshold key T by a
  * radix select over the bucket's remaining 20 bits, and the result in index
- * order. cand: 2 cap entries (may be NULL, cap 0); when the candidates do
- * not fit (many magnitudes sharing 11 leading bits), radix passes over x
- * instead. O(n), deterministic, ties to the lower index. */
+ * order. *cand: 2 *cap entries (malloc'ed or NULL), grown up to n/4 when
+ * the candidates do not fit (many magnitudes sharing 11 leading bits, as in
+ * AdamW's changes, where a third of the calls needed more than 4k); beyond
+ * that (or without memory), radix passes over x instead. O(n),
+ * deterministic, ties to the lower index. */
 static int tk_select(const float *x, size_t n, size_t k, const uint32_t *h, uint32_t *idx,
-                     uint32_t *cand, size_t cap) {
+                     uint32_t **candp, size_t *capp) {
     if (k > n || n > UINT32_MAX) return COMM_ERR_ARG;
     if (k == 0) return 0;
     size_t rem = k;
@@ -535,7 +537,13 @@ static int tk_select(const float *x, size_t n, size_t k, const uint32_t *h, uint
     /* rem: how many keys of bucket top to take */
     uint32_t prefix = top << TK_HSHIFT;
     size_t nc = k - rem + h[top];
-    uint32_t *ci = cand, *ck = cand ? cand + cap : NULL;
+    if (nc + 16 > *capp && nc <= n / 4) { /* beyond n/4, passes over x cost no more */
+        size_t want = nc + nc / 4 + 16;
+        uint32_t *g = realloc(*candp, 2 * want * sizeof *g);
+        if (g) *candp = g, *capp = want;
+    }
+    size_t cap = *capp;
+    uint32_t *cand = *candp, *ci = cand, *ck = cand ? cand + cap : NULL;
     int gathered = cand && nc + 16 <= cap;
     if (gathered && scan_ge(x, n, prefix, ci, ck) != nc) return COMM_ERR_ARG;
     /* T: prefix, then the remaining bits in two 10-bit radix passes */
@@ -588,7 +596,8 @@ int comm_cx_topk_select(const float *x, size_t n, size_t k, uint32_t *idx) {
     tk_hist(x, NULL, n, h);
     size_t cap = 4 * k + 4096;
     uint32_t *cand = malloc(2 * cap * sizeof *cand);
-    int err = tk_select(x, n, k, h, idx, cand, cand ? cap : 0);
+    if (!cand) cap = 0;
+    int err = tk_select(x, n, k, h, idx, &cand, &cap);
     free(cand);
     free(h);
     return err;
@@ -1120,7 +1129,7 @@ static int topk_ar(comm_cx *cx, float *g, comm_op op, uint64_t *bytes) {
     const uint32_t *h = cx->hist;
     uint32_t *idx = (uint32_t *)(void *)cx->sbuf;
     float *val = (float *)(void *)(cx->sbuf + 4 * k);
-    if ((err = tk_select(acc, n, k, h, idx, cx->cand, cx->cand_cap)))
+    if ((err = tk_select(acc, n, k, h, idx, &cx->cand, &cx->cand_cap)))
         return FAIL(err, "top-k selection failed");
     for (size_t j = 0; j < k; j++)
         val[j] = acc[idx[j]];
