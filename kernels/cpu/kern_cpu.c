@@ -293,17 +293,24 @@ double kern_sumsq(const float *x, size_t n) {
     return s;
 }
 
+/* AdamW's moment update of one element and its bias-corrected direction
+ * mhat / (sqrt(vhat) + eps); shared by the whole and the split step. */
+static inline float adam_dir(float gi, float *m, float *v, float beta1, float beta2, float c1,
+                             float c2, float eps) {
+    float mi = beta1 * *m + (1.0f - beta1) * gi;
+    float vi = beta2 * *v + (1.0f - beta2) * gi * gi;
+    *m = mi;
+    *v = vi;
+    return (mi / c1) / (sqrtf(vi / c2) + eps);
+}
+
 void kern_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                 float beta2, float eps, float wd, float gscale, int t) {
     float c1 = 1.0f - powf(beta1, (float)t), c2 = 1.0f - powf(beta2, (float)t);
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
-        float gi = g[i] * gscale;
-        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= lr * ((mi / c1) / (sqrtf(vi / c2) + eps) + wd * p[i]);
+        float d = adam_dir(g[i] * gscale, &m[i], &v[i], beta1, beta2, c1, c2, eps);
+        p[i] -= lr * (d + wd * p[i]);
     }
 }
 
@@ -312,14 +319,8 @@ void kern_adam_delta(float *g, float *m, float *v, size_t n, float lr, float bet
     float c1 = 1.0f - powf(beta1, (float)t), c2 = 1.0f - powf(beta2, (float)t);
     float k = -lr * out_scale;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float gi = g[i] * gscale;
-        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        g[i] = k * ((mi / c1) / (sqrtf(vi / c2) + eps));
-    }
+    for (size_t i = 0; i < n; i++)
+        g[i] = k * adam_dir(g[i] * gscale, &m[i], &v[i], beta1, beta2, c1, c2, eps);
 }
 
 void kern_apply_delta(float *p, const float *d, size_t n, float lr, float wd) {
