@@ -40,9 +40,10 @@ static void usage(FILE *f) {
                "-1: none, the model alone).\n"
                "--tune N: adaptive tunes online first, as in training: the candidates\n"
                "predicted within 1.5x of the best, N timed calls each, the fastest median\n"
-               "kept (default 3; 0: the start-up choice alone). The calls are reported\n"
+               "kept (default %d; 0: the start-up choice alone). The calls are reported\n"
                "apart, not in the timed iterations.\n"
-               "--explain prints the selector's probe, model table and choice per size.\n");
+               "--explain prints the selector's probe, model table and choice per size.\n",
+            COMM_SEL_TUNE_DEFAULT);
 }
 
 static int parse_sizes(const char *s, size_t *out, int max) {
@@ -83,7 +84,7 @@ static double median(double *v, int n) {
 
 int bench_allreduce(int argc, char **argv, MPI_Comm comm) {
     const char *sizes_s = "4:268435456:4", *algos_s = "all", *csv = NULL, *label = "local";
-    int iters = 20, explain = 0, tune = 3;
+    int iters = 20, explain = 0, tune = COMM_SEL_TUNE_DEFAULT;
     double calib_budget = 0;
     comm_topo_method topo = COMM_TOPO_SHARED;
     for (int i = 1; i < argc; i++) {

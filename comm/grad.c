@@ -255,7 +255,7 @@ int comm_grad_create(MPI_Comm comm, const comm_grad_opts *o, const comm_grad_ten
         comm_sel_opts so = {.bw_threshold = o->bw_threshold,
                             .lat_threshold = o->lat_threshold,
                             .fallback = g->fallback,
-                            .tune = 3,
+                            .tune = COMM_SEL_TUNE_DEFAULT,
                             .on_event = on_event,
                             .ud = g};
         if ((err = comm_sel_create(comm, g->ar, &so, &g->sel))) goto done;

@@ -102,6 +102,8 @@ typedef struct {
     int ppn;   /* most ranks on one node */
 } comm_sel_layout;
 
+#define COMM_SEL_TUNE_DEFAULT 3
+
 typedef struct {
     /* Thresholds on the inter-node link (0: none): bytes/s and seconds. */
     double bw_threshold, lat_threshold;
@@ -135,7 +137,8 @@ typedef struct {
      * predicted within 1.5x of the best (at most 3); once all are timed
      * (through comm_sel_record) the measured best is kept for that size, and
      * its measured time becomes the prediction re-selection compares with.
-     * Not while the fallback is in force. Cleared by a re-probe. */
+     * Not while the fallback is in force. Cleared by a re-probe.
+     * COMM_SEL_TUNE_DEFAULT: what the trainer and the benchmark use. */
     int tune;
     /* Called on every rank with a one-line message (no newline) after each
      * re-probe ("re-selection ...") and each finished tuning ("tuned ...");
